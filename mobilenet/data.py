@@ -1,0 +1,297 @@
+"""Image data held in memory as uint8 tensors, with augmentation done on whole batches.
+
+Sources (`DataConfig.source`):
+    cifar-batches   torchvision's `cifar-10-batches-py` pickles under `root` (`download=True` fetches them)
+    folder          an ImageFolder tree with train/ and test/ (`root` is the directory, or a .tar.gz that is
+                    unpacked once into `cache_dir`); class order is alphabetical, files are sorted by name
+    random          synthetic tensors for smoke runs (no files at all)
+
+Images are decoded once and cached as uint8 (N, 3, H, W) tensors beside the unpacked tree. Normalization to
+float and augmentation (pad-4 random crop, horizontal flip) happen per batch, on the whole batch at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import atomic_save
+
+__all__ = ["DataConfig", "Split", "Dataset", "load_dataset", "BatchLoader", "normalize", "augment_batch",
+           "DataError", "SOURCES", "CIFAR10_CLASSES", "DEFAULT_DATA", "DEFAULT_CACHE"]
+
+SOURCES = ("folder", "cifar-batches", "random")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_HERE = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = str(_HERE.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+DEFAULT_CACHE = os.environ.get("MNV2_CACHE", str(Path.home() / ".cache" / "mnv2-compress"))
+MEAN_STD = {
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class DataError(ValueError):
+    """Data that is missing or malformed."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "folder"           # folder | cifar-batches | random
+    root: str = DEFAULT_DATA         # directory or .tar.gz (folder), directory holding cifar-10-batches-py
+    layout: str = "cifar"            # cifar: 32x32 as stored; imagenet: resize 256 + center crop 224
+    cache_dir: str = DEFAULT_CACHE   # where archives are unpacked and decoded tensors kept
+    download: bool = False           # cifar-batches only: fetch with torchvision if missing (needs a network)
+    calib_size: int = 1000           # images in the fixed calibration split, drawn from the training set
+    random_size: int = 512           # random source: images per split
+    seed: int = 0                    # calibration split and random source
+
+
+@dataclass
+class Split:
+    images: torch.Tensor   # (N, 3, H, W) uint8
+    labels: torch.Tensor   # (N,) int64
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx) -> "Split":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    calib: Split
+    classes: tuple[str, ...]
+    layout: str
+    source: str
+
+    @property
+    def mean_std(self):
+        return MEAN_STD[self.layout]
+
+
+def normalize(images: torch.Tensor, layout: str = "cifar") -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 normalized with the layout's channel mean and std."""
+    mean, std = MEAN_STD[layout]
+    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Pad-`pad` random crop and horizontal flip of a whole uint8 batch (N, 3, H, W) in a few tensor ops."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None]).to(images.device)     # (N, H)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(images.device)     # (N, W)
+    idx_n = torch.arange(n, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]  # (N, H, W, 3)
+    out = out.permute(0, 3, 1, 2)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device).view(n, 1, 1, 1)
+    return torch.where(flip, out.flip(3), out).contiguous()
+
+
+class BatchLoader:
+    """Iterate over a Split in batches of normalized float tensors.
+
+    shuffle/augment draw from a generator seeded with (seed, epoch), so an epoch is reproducible and a resumed
+    run sees the same batches. With world_size > 1 each rank takes every world_size-th batch position.
+    """
+
+    def __init__(self, split: Split, batch_size: int, layout: str = "cifar", shuffle: bool = False,
+                 augment: bool = False, drop_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False, device: str | torch.device = "cpu"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size should be >= 1 instead of {batch_size}")
+        self.split, self.batch_size, self.layout = split, batch_size, layout
+        self.shuffle, self.augment, self.drop_last, self.seed = shuffle, augment, drop_last, seed
+        self.rank, self.world_size = rank, world_size
+        self.channels_last, self.device = channels_last, torch.device(device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _order(self):
+        n = len(self.split)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            return torch.randperm(n, generator=g)
+        return torch.arange(n)
+
+    def __len__(self):
+        n = len(self.split) // self.world_size
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = self._order()
+        per_rank = len(self.split) // self.world_size if self.world_size > 1 else len(self.split)
+        order = order[self.rank * per_rank:(self.rank + 1) * per_rank] if self.world_size > 1 else order
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch + 7919 * (self.rank + 1))
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.split.images[idx]
+            if self.augment:
+                x = augment_batch(x, g)
+            x = normalize(x.to(self.device), self.layout)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.split.labels[idx].to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def _unpack_once(archive: Path, cache_dir: Path) -> Path:
+    """Unpack a .tar.gz into cache_dir/<name>-<key>/ once; a half-finished unpack is never mistaken for done."""
+    dest = cache_dir / f"{archive.name.split('.')[0]}-{_cache_key(archive)}"
+    if (dest / ".complete").exists():
+        return dest
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=cache_dir))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        (tmp / ".complete").touch()
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _find_tree(root: Path) -> Path:
+    """The directory that holds train/ and test/ (the archive may wrap them in one more folder)."""
+    for cand in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
+        if (cand / "train").is_dir() and (cand / "test").is_dir():
+            return cand
+    raise DataError(f"{root} has no train/ and test/ folders (ImageFolder layout expected)")
+
+
+def _decode_folder(split_dir: Path, classes: list[str], layout: str) -> Split:
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as TF
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((split_dir / name).iterdir()):
+            if f.suffix.lower() in (".jpg", ".jpeg", ".png"):
+                files.append(f)
+                labels.append(c)
+    if not files:
+        raise DataError(f"no .jpg/.jpeg/.png images under {split_dir}")
+    images = []
+    for f in tqdm(files, desc=f"decode {split_dir.name}", unit="img", mininterval=1.0, leave=False):
+        img = decode_image(str(f), mode=ImageReadMode.RGB)
+        if layout == "imagenet":
+            img = TF.center_crop(TF.resize(img, [256], antialias=True), [224, 224])
+        elif img.shape[1:] != (32, 32):
+            img = TF.center_crop(TF.resize(img, [32], antialias=True), [32, 32])
+        images.append(img)
+    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+
+
+def _load_folder(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
+    root = Path(cfg.root)
+    if not root.exists():
+        raise DataError(f"data not found: {root}")
+    if root.is_file():
+        if not (root.name.endswith(".tar.gz") or root.name.endswith(".tgz") or root.name.endswith(".tar")):
+            raise DataError(f"{root} is a file but not a .tar.gz/.tar archive")
+        root = _unpack_once(root, Path(cfg.cache_dir))
+    tree = _find_tree(root)
+    classes = sorted(p.name for p in (tree / "train").iterdir() if p.is_dir())
+    test_classes = sorted(p.name for p in (tree / "test").iterdir() if p.is_dir())
+    if not classes or classes != test_classes:
+        raise DataError(f"{tree}: train/ and test/ must hold the same class folders "
+                        f"(train: {classes[:5]}..., test: {test_classes[:5]}...)")
+    cached = tree / f".decoded-{cfg.layout}.pt"
+    if cached.exists():
+        blob = torch.load(cached, weights_only=True)
+        if blob["classes"] == classes:
+            return Split(*blob["train"]), Split(*blob["test"]), tuple(classes)
+    train = _decode_folder(tree / "train", classes, cfg.layout)
+    test = _decode_folder(tree / "test", classes, cfg.layout)
+    try:
+        atomic_save({"classes": classes, "train": (train.images, train.labels), "test": (test.images, test.labels)},
+                    cached)
+    except OSError:
+        pass  # a read-only tree: decode again next time
+    return train, test, tuple(classes)
+
+
+def _load_cifar_batches(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
+    root = Path(cfg.root)
+    base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    if not (base / "data_batch_1").exists():
+        if cfg.download:
+            from torchvision.datasets import CIFAR10
+            CIFAR10(str(root), train=True, download=True)
+            base = root / "cifar-10-batches-py"
+        else:
+            raise DataError(f"no cifar-10-batches-py under {root} (pass --download to fetch it, if online)")
+
+    def read(names):
+        xs, ys = [], []
+        for n in names:
+            p = base / n
+            if not p.exists():
+                raise DataError(f"missing CIFAR-10 batch file {p}")
+            with open(p, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d["labels"], dtype=np.int64))
+        return Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+
+    meta = base / "batches.meta"
+    classes = CIFAR10_CLASSES
+    if meta.exists():
+        with open(meta, "rb") as f:
+            classes = tuple(pickle.load(f, encoding="latin1")["label_names"])
+    return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"]), classes
+
+
+def _load_random(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
+    g = torch.Generator().manual_seed(cfg.seed)
+    size = 224 if cfg.layout == "imagenet" else 32
+    n = cfg.random_size
+
+    def make():
+        return Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+                     torch.randint(0, 10, (n,), generator=g))
+    return make(), make(), CIFAR10_CLASSES
+
+
+def load_dataset(cfg: DataConfig | None = None, **kwargs) -> Dataset:
+    cfg = cfg if cfg is not None else DataConfig(**kwargs)
+    loaders = {"folder": _load_folder, "cifar-batches": _load_cifar_batches, "random": _load_random}
+    if cfg.source not in loaders:
+        raise DataError(f"unknown data source {cfg.source!r}; expected one of {SOURCES}")
+    if cfg.layout not in MEAN_STD:
+        raise DataError(f"unknown layout {cfg.layout!r}; expected one of {tuple(MEAN_STD)}")
+    train, test, classes = loaders[cfg.source](cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    n_calib = min(cfg.calib_size, len(train))
+    calib = train.subset(torch.randperm(len(train), generator=g)[:n_calib])  # from train, never from test
+    return Dataset(train, test, calib, classes, cfg.layout, cfg.source)
