@@ -1,0 +1,80 @@
+"""Quantization configurations: the study's named recipes and free bit widths."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from .spec import check_bits
+
+__all__ = ["QuantConfig", "RECIPES", "recipe", "GRANULARITIES", "ACT_MODES", "CALIB_SOURCES"]
+
+GRANULARITIES = ("per-channel", "per-tensor")
+ACT_MODES = ("none", "static", "dynamic")   # float activations | calibrated ranges | ranges taken at run time
+CALIB_SOURCES = ("real", "random")
+
+
+@dataclass
+class QuantConfig:
+    name: str = "W8A8"
+    w_bits: int | None = 8               # None: float weights
+    a_bits: int | None = 8               # None: float activations
+    act_mode: str = "static"             # none | static | dynamic
+    granularity: str = "per-channel"     # of the weights; activations are always per tensor
+    calib: str = "real"                  # real: calibration split of the training set; random: N(0, 1) images
+    calib_size: int = 1000               # images
+    act_observer: str = "minmax"         # minmax | ema | percentile | mse
+    weight_observer: str = "minmax"      # minmax | mse
+    cle: bool = False                    # cross-layer equalization (before weight ranges are taken)
+    bias_correction: bool = False        # empirical bias correction on the calibration set
+    adaround: bool = False               # learned rounding, layer by layer
+    adaround_iters: int = 1000           # optimizer steps per layer
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.w_bits is not None:
+            check_bits(self.w_bits, "w_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {GRANULARITIES}")
+        if self.act_mode not in ACT_MODES:
+            raise ValueError(f"unknown act_mode {self.act_mode!r}; expected one of {ACT_MODES}")
+        if self.calib not in CALIB_SOURCES:
+            raise ValueError(f"unknown calibration source {self.calib!r}; expected one of {CALIB_SOURCES}")
+        if (self.a_bits is None) != (self.act_mode == "none"):
+            raise ValueError(f"a_bits={self.a_bits} does not fit act_mode={self.act_mode!r}")
+        if self.calib_size < 1:
+            raise ValueError(f"calib_size should be >= 1 instead of {self.calib_size}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per-channel"
+
+    @property
+    def is_float(self) -> bool:
+        return self.w_bits is None and self.a_bits is None
+
+    @property
+    def static_int(self) -> bool:
+        """Integer activations with fixed ranges: biases become int32 at s_in * s_w."""
+        return self.act_mode == "static" and self.w_bits is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+RECIPES: dict[str, QuantConfig] = {
+    "FP32": QuantConfig("FP32", None, None, "none"),
+    "W8A32": QuantConfig("W8A32", 8, None, "none"),
+    "W16A32": QuantConfig("W16A32", 16, None, "none"),
+    "W4A32": QuantConfig("W4A32", 4, None, "none"),
+    "W8A16": QuantConfig("W8A16", 8, 16, "dynamic"),
+    "W8A8": QuantConfig("W8A8", 8, 8, "static"),
+    "W4A8": QuantConfig("W4A8", 4, 8, "static"),
+}
+
+
+def recipe(name: str, **overrides) -> QuantConfig:
+    key = name.upper()
+    if key not in RECIPES:
+        raise ValueError(f"unknown quantization config {name!r}; expected one of {tuple(RECIPES)}")
+    return replace(RECIPES[key], **overrides)

@@ -1,0 +1,106 @@
+"""Pure quantization arithmetic. Every function takes its parameters explicitly; modules only hold state.
+
+Granularity is one argument, `axis`:
+
+    axis      scale / zero_point shape        meaning
+    None      () (0-dim or Python number)     one pair for the whole tensor (per tensor)
+    k         (x.shape[k],)                   one pair per slice along dimension k (per channel)
+
+Conventions follow `torch.ops.quantized_decomposed` (what the exported graph executes):
+q = clamp(round(x * (1 / scale)) + zero_point, qmin, qmax), round half to even; x_hat = (q - zero_point) * scale.
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import QSpec, check_bits
+
+__all__ = ["qrange", "choose_qparams", "quantize", "dequantize", "fake_quantize", "fake_quantize_spec",
+           "quantize_bias", "round_ste"]
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def qrange(bits: int, signed: bool = True, narrow_range: bool = False) -> tuple[int, int]:
+    """Integer range of a `bits`-wide code: signed 8 -> (-128, 127); narrow -> (-127, 127); unsigned -> (0, 255)."""
+    check_bits(bits)
+    if signed:
+        return -(1 << (bits - 1)) + int(narrow_range), (1 << (bits - 1)) - 1
+    return int(narrow_range), (1 << bits) - 1
+
+
+def _shape_for(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshape per-channel parameters (C,) so they broadcast along `axis` of x."""
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int,
+                   symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero-point (int64) covering [min_val, max_val], which is first widened to hold 0.
+
+    symmetric: scale = max(|min|, |max|) / qmax, zero-point 0 (the weight rule of the LiteRT spec);
+    asymmetric: scale = (max - min) / (qmax - qmin), zero-point = qmin - round(min / scale), clamped into range.
+    Works elementwise, so per-channel ranges (C,) give per-channel parameters (C,).
+    """
+    min_val = torch.as_tensor(min_val, dtype=torch.float32)
+    max_val = torch.as_tensor(max_val, dtype=torch.float32)
+    if torch.any(min_val > max_val):
+        raise ValueError(f"min_val must not exceed max_val (got {min_val} > {max_val})")
+    min_neg = torch.clamp(min_val, max=0.0)
+    max_pos = torch.clamp(max_val, min=0.0)
+    if symmetric:
+        amax = torch.maximum(-min_neg, max_pos)
+        scale = torch.clamp(amax / float(qmax), min=_EPS)
+        zero_point = torch.zeros_like(scale, dtype=torch.int64)
+    else:
+        scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=_EPS)
+        zero_point = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax).to(torch.int64)
+    return scale.to(torch.float32), zero_point
+
+
+def quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+    """Float -> integer codes (returned as int32). `scale`/`zero_point`: numbers or tensors, see the table above."""
+    scale = _shape_for(torch.as_tensor(scale, dtype=torch.float32, device=x.device), x, axis)
+    zp = _shape_for(torch.as_tensor(zero_point, device=x.device), x, axis)
+    return torch.clamp(torch.round(x.float() * (1.0 / scale)) + zp, qmin, qmax).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale, zero_point, axis: int | None = None) -> torch.Tensor:
+    scale = _shape_for(torch.as_tensor(scale, dtype=torch.float32, device=q.device), q, axis)
+    zp = _shape_for(torch.as_tensor(zero_point, device=q.device), q, axis)
+    return (q.to(torch.float32) - zp.to(torch.float32)) * scale
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
+    """dequantize(quantize(x)) in float, differentiable with the clipped straight-through estimator:
+    d out / d x = 1 where the code falls inside [qmin, qmax], else 0 (as torch.fake_quantize_*_affine)."""
+    scale = _shape_for(torch.as_tensor(scale, dtype=torch.float32, device=x.device), x, axis)
+    zp = _shape_for(torch.as_tensor(zero_point, device=x.device), x, axis).to(torch.float32)
+    code = torch.round(x * (1.0 / scale)) + zp
+    inside = (code >= qmin) & (code <= qmax)
+    out = (torch.clamp(code, qmin, qmax) - zp) * scale
+    return out.detach() + (x - x.detach()) * inside
+
+
+def fake_quantize_spec(x: torch.Tensor, spec: QSpec, scale, zero_point) -> torch.Tensor:
+    return fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax, spec.axis if spec.per_channel else None)
+
+
+def quantize_bias(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
+    """int32 bias codes at scale s_in * s_w (per output channel), zero-point 0; returns the dequantized float bias.
+
+    This is the value an int8 LiteRT conv adds to its int32 accumulator, so the simulation adds the same.
+    """
+    s = (torch.as_tensor(weight_scale, dtype=torch.float32) * float(input_scale)).reshape(-1)
+    lo, hi = -(1 << 31), (1 << 31) - 1
+    q = torch.clamp(torch.round(bias.float() / s), lo, hi)
+    return q * s
