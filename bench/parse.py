@@ -112,8 +112,9 @@ def parse_benchmark_output(text: str) -> BenchmarkLog:
         log.inference_std_us = last.get("std")
         if log.inference_avg_us is None and len(counts) > 1:
             log.inference_avg_us = last.get("avg")
-        if log.first_us is None:
-            log.first_us = counts[0].get("first")
+        if log.first_us is None:     # a single warm-up run prints only curr=
+            first = counts[0]
+            log.first_us = first.get("first", first.get("curr") if first["count"] == 1 else None)
         if log.warmup_avg_us is None and len(counts) > 1:
             log.warmup_avg_us = counts[0].get("avg")
     return log
