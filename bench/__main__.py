@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 
 from bench.device import DEVICE_COLUMNS, DeviceConfig, DeviceError, run_device
 from bench.host import HOST_COLUMNS, HostConfig, host_description, run_host, runtime_version
+from bench.chain import ChainConfig, run_chain
+from bench.matrix import MatrixConfig, run_matrix
 from bench.report import format_table, write_csv, write_json
+from bench.study_report import ReportConfig, run_report
 
 __all__ = ["MODES", "build_parser", "main"]
 
@@ -81,14 +85,35 @@ def _save_config(cfg, mode: str) -> None:
         "host": host_description(), "argv": sys.argv})
 
 
-# mode -> (config dataclass, runner). An experiment matrix (--matrix) plugs in here later.
-MODES = {"host": (HostConfig, _run_host_mode), "device": (DeviceConfig, _run_device_mode)}
+def _run_matrix_mode(cfg: MatrixConfig) -> int:
+    run_matrix(cfg, command=" ".join(["python -m bench"] + [shlex.quote(a) for a in sys.argv[1:]]))
+    return 0
+
+
+def _run_chain_mode(cfg: ChainConfig) -> int:
+    run_chain(cfg)
+    return 0
+
+
+# mode -> (config dataclass, runner); the mode flag is --<mode> (host is the default).
+MODES = {"host": (HostConfig, _run_host_mode), "device": (DeviceConfig, _run_device_mode),
+         "matrix": (MatrixConfig, _run_matrix_mode), "report": (ReportConfig, run_report),
+         "chain": (ChainConfig, _run_chain_mode)}
+MODE_HELP = {"matrix": "the experiment matrix: every configuration of the study on one checkpoint "
+                       "(add --device to time the files on a phone too)",
+             "report": "write report.md / report.html from a matrix results directory",
+             "chain": "the whole chain: train, prune, quantize, export, validate, bench, report"}
 
 
 def _add_field(group, f: dataclasses.Field) -> None:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if f.name == "models":
         group.add_argument("models", nargs="*", metavar="MODEL.tflite", help=f.metadata["help"])
+        return
+    if f.name == "device":   # --device is the device-mode flag; in matrix mode it also times on the phone
+        return
+    if f.name == "results_dir":
+        group.add_argument("--results-dir", dest="results_dir", default="", help=f.metadata.get("help"))
         return
     kw = dict(_KINDS[f.type])
     if kw.get("action") != "store_true":
@@ -98,9 +123,11 @@ def _add_field(group, f: dataclasses.Field) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--device", action="store_true",
+                   help="run benchmark_model on an Android phone through adb (with --matrix: as well)")
     modes = p.add_mutually_exclusive_group()
-    modes.add_argument("--device", dest="mode", action="store_const", const="device",
-                       help="run benchmark_model on an Android phone through adb")
+    for m, text in MODE_HELP.items():
+        modes.add_argument("--" + m, dest="mode", action="store_const", const=m, help=text)
     p.set_defaults(mode="host")
     field_sets = {m: {f.name: f for f in dataclasses.fields(cls)} for m, (cls, _) in MODES.items()}
     shared = set.intersection(*(set(fs) for fs in field_sets.values()))
@@ -118,11 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if ns.mode == "host" and ns.device:
+        ns.mode = "device"
+    elif ns.device and ns.mode != "matrix":
+        parser.error(f"--device does not go with --{ns.mode}")
     cls, run = MODES[ns.mode]
     own = {f.name for f in dataclasses.fields(cls)}
     for other, (other_cls, _) in MODES.items():     # options of another mode are a mistake
         for f in dataclasses.fields(other_cls):
-            if f.name not in own and getattr(ns, f.name) != parser.get_default(f.name):
+            if f.name not in own and f.name != "device" and getattr(ns, f.name) != parser.get_default(f.name):
                 parser.error(f"--{f.name.replace('_', '-')} belongs to {other} mode, not {ns.mode}")
     cfg = cls(**{name: getattr(ns, name) for name in own})
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from bench.results import row_label
+from bench.results import METHOD_NAMES, row_label
 from bench.units import fmt_bytes as _mb
 from bench.units import fmt_ms as _ms
 
@@ -127,7 +127,7 @@ def calibration_delta(rows: list[dict]) -> dict | None:
 def method_gains(rows: list[dict]) -> list[dict]:
     """Each AdaRound / CLE+BC / QAT row against round-to-nearest with the same config, granularity, calibration."""
     out = []
-    for m in ("adaround", "cle+bc", "qat"):
+    for m in (m for m in METHOD_NAMES if m not in ("rtn", "fp32")):
         for rtn, other in _pairs(rows, "method", "rtn", m, ("config", "granularity", "calib"), "snr_db"):
             out.append({"value": other["snr_db"] - rtn["snr_db"], "rtn": rtn, "other": other})
     return out
@@ -165,7 +165,7 @@ def compute_findings(rows: list[dict]) -> list[Finding]:
         r = w4["row"]
         out.append(Finding("w4_snr", f"{r['config']} with round-to-nearest ({r['granularity']} weights, {r['calib']} "
                                      f"calibration) reaches {_f1(w4['value'])} dB SNR.", w4["value"], [row_label(r)]))
-    names = {"adaround": "AdaRound", "cle+bc": "CLE + bias correction", "qat": "QAT"}
+    names = METHOD_NAMES
     for g in method_gains(rows):
         o, r = g["other"], g["rtn"]
         out.append(Finding(f"method_{o['method']}_{o['config']}",

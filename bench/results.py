@@ -47,8 +47,13 @@ from pathlib import Path
 
 from mobilenet.checkpoint import atomic_write_text
 
-__all__ = ["MATRIX_COLUMNS", "COLUMN_TYPES", "KEY_COLUMNS", "CHOICES", "row_key", "row_label", "write_matrix_row",
+__all__ = ["METHOD_NAMES", "MATRIX_COLUMNS", "COLUMN_TYPES", "KEY_COLUMNS", "CHOICES", "row_key", "row_label", "write_matrix_row",
            "read_matrix", "done_keys", "collect_meta", "write_meta", "read_meta", "load_prune", "PRUNE_FILES"]
+
+# method -> how a report names it. A method is "rtn" (round to nearest) or the PTQ extras joined by "+".
+METHOD_NAMES = {"fp32": "FP32", "rtn": "round to nearest", "adaround": "AdaRound", "cle": "CLE",
+                "bc": "bias correction", "cle+bc": "CLE + bias correction", "adaround+bc": "AdaRound + bias correction",
+                "qat": "QAT"}
 
 # column -> type; the order is the CSV header.
 COLUMN_TYPES: dict[str, type] = {
@@ -65,7 +70,7 @@ CHOICES = {
     "act_mode": ("none", "static", "dynamic"),
     "granularity": ("per-channel", "per-tensor", "n/a"),
     "calib": ("real", "random", "n/a"),
-    "method": ("rtn", "adaround", "cle+bc", "qat", "fp32"),
+    "method": tuple(METHOD_NAMES),
     "export_status": ("ok", "refused", "failed", "skipped"),
 }
 _FRACTIONS = ("top1", "top1_fp32", "agreement", "exact_match", "file_agreement")

@@ -31,7 +31,8 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
     """
     model.train()
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=disable_bar, mininterval=1.0)
+    total = len(loader) if max_steps is None else min(len(loader), max_steps)  # the bar ends where the loop does
+    bar = tqdm(loader, desc=desc, unit="batch", total=total, leave=False, disable=disable_bar, mininterval=1.0)
     for x, y in bar:
         with autocast_ctx(x.device, bf16):
             logits = model(x)

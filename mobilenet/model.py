@@ -94,6 +94,8 @@ class InvertedResidual(nn.Module):
         if stride not in (1, 2):
             raise ValueError(f"stride should be 1 or 2 instead of {stride}")
         hidden = int(round(inp * expand_ratio)) if hidden is None else hidden
+        if expand_ratio == 1 and hidden != inp:  # no pw layer: the dw conv sees the block's input channels
+            raise ValueError(f"a block with expand_ratio 1 has hidden == inp == {inp}, not {hidden}")
         self.use_res_connect = stride == 1 and inp == oup
         layers: list[nn.Module] = []
         if expand_ratio != 1:

@@ -46,6 +46,14 @@ class Observer(nn.Module):
         self.min_val = torch.tensor(float("inf"), device=self.min_val.device)
         self.max_val = torch.tensor(float("-inf"), device=self.max_val.device)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the range is () until data is seen, (C,) for a per-channel observer afterwards: take the saved shape
+        for name in ("min_val", "max_val"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def initialized(self) -> bool:
         return bool(torch.isfinite(self.min_val).all())
@@ -126,10 +134,14 @@ class MSEObserver(Observer):
         super().__init__(axis)
         self.grid, self.bits, self.symmetric, self.narrow = grid, bits, symmetric, narrow_range
         self.last = None
+        self.max_samples = 1 << 20  # elements kept from the last batch for the search (per tensor)
 
     def update(self, lo, hi, x):
         super().update(lo, hi, x)
-        self.last = x.detach().float()[:256] if self.axis != 0 else x.detach().float()
+        x = x.detach().float()
+        if self.axis is None and x.numel() > self.max_samples:  # a fixed stride over all elements, deterministic
+            x = x.reshape(-1)[:: -(-x.numel() // self.max_samples)]
+        self.last = x
 
     def qparams(self, qmin: int, qmax: int, symmetric: bool):
         if not self.initialized:

@@ -81,7 +81,8 @@ class QLayer(nn.Module):
             return b
         if not (fq.frozen or fq.fake_quant):  # calibration: the input scale is not known yet
             return b
-        return quantize_bias(b, float(fq.scale), self.w_fq.scale).to(b.dtype)
+        qb = quantize_bias(b, float(fq.scale), self.w_fq.scale).to(b.dtype)
+        return qb.detach() + (b - b.detach())  # value qb exactly; gradient straight through (QAT trains biases)
 
     def _op(self, x, w, b):
         if isinstance(self.op, nn.Conv2d):
@@ -90,7 +91,8 @@ class QLayer(nn.Module):
 
     def _post(self, y):
         if self.relu6:
-            y = torch.clamp(y, 0.0, 6.0)
+            # the same min/max either way; hardtanh's backward is one kernel where clamp's is five passes
+            y = F.hardtanh(y, 0.0, 6.0) if y.requires_grad else torch.clamp(y, 0.0, 6.0)
         return self.out_fq(y) if self.out_fq is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,11 +103,13 @@ class QLayer(nn.Module):
 
     def _forward_batch_stats(self, x):
         """QAT before the BN freeze (Krishnamoorthi 2018, sec. 3.2): quantize the weight folded with running
-        statistics, then undo that scale and let BN normalize with batch statistics (and update running ones)."""
+        statistics, then undo that scale and let BN normalize with batch statistics (and update running ones).
+        The scale is undone on the quantized weight, (C_out, ...), not on the conv output, (N, C_out, H, W):
+        the same up to float rounding, and one pass over the activation less each way."""
         bn = self.bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
         w = self.op.weight * scale.reshape(-1, 1, 1, 1)
-        y = self._op(x, self.quant_weight(w), None) / scale.reshape(1, -1, 1, 1)
+        y = self._op(x, self.quant_weight(w) / scale.reshape(-1, 1, 1, 1), None)
         if self.op.bias is not None:
             y = y + self.op.bias.reshape(1, -1, 1, 1)
         return self._post(bn(y))

@@ -1,0 +1,137 @@
+"""The whole chain in one command, on CIFAR-10:
+
+    baseline (trained, or --init CKPT) -> sensitivity sweep -> global L1 pruning -> fine-tuning
+    -> W8A8 PTQ (QAT with --qat) -> INT8 export with its validation (and the FP32 export beside it)
+    -> host benchmark -> report
+
+Each step is the project's own command (train.py, python -m prune, python -m quantize, python -m export,
+python -m bench), called in-process with its arguments, so a step done here equals that step done by hand.
+Every step writes its outputs atomically and is skipped when they already exist: an interrupted chain resumes
+at the step it was in. The default budgets finish in about 15 minutes on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mobilenet.checkpoint import atomic_write_text
+from mobilenet.data import DEFAULT_DATA
+
+__all__ = ["ChainConfig", "run_chain"]
+
+
+@dataclass
+class ChainConfig:
+    out: str = field(default="", metadata={"help": "output directory (chain default: runs/chain)"})
+    init: str = field(default="", metadata={
+        "help": "start from this FP32 checkpoint instead of training (e.g. ../shared/models/...)"})
+    data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
+    width: float = field(default=1.0, metadata={"help": "width multiplier of the trained baseline"})
+    train_epochs: int = field(default=2, metadata={"help": "baseline training epochs"})
+    train_images: int = field(default=12000, metadata={"help": "training images per epoch (0 = all 50,000)"})
+    prune: str = field(default="0.7", metadata={"help": "global unstructured sparsity, or auto"})
+    finetune_epochs: int = field(default=1, metadata={"help": "fine-tuning epochs after pruning"})
+    finetune_images: int = field(default=8000, metadata={"help": "fine-tuning images per epoch (0 = all)"})
+    sweep_images: int = field(default=100, metadata={"help": "test images per per-layer sweep evaluation"})
+    qat: bool = field(default=False, metadata={"help": "quantization-aware training instead of PTQ"})
+    qat_epochs: int = field(default=1, metadata={"help": "QAT epochs (with --qat)"})
+    qat_images: int = field(default=4000, metadata={"help": "QAT images per epoch (with --qat)"})
+    config: str = field(default="W8A8", metadata={"help": "quantization config of the exported file"})
+    val_images: int = field(default=1000, metadata={"help": "test images in the export validation"})
+    host_runs: int = field(default=50, metadata={"help": "timed inferences per file on the host"})
+
+
+def _step(name: str, done: Path, fn, log: list):
+    t0 = time.perf_counter()
+    if done.exists():
+        print(f"== {name}: done already ({done})")
+        log.append({"step": name, "skipped": True, "output": str(done)})
+        return
+    print(f"== {name}")
+    code = fn()
+    if code:
+        raise RuntimeError(f"step {name!r} failed with exit code {code}")
+    if not done.exists():
+        raise RuntimeError(f"step {name!r} finished without writing {done}")
+    log.append({"step": name, "seconds": round(time.perf_counter() - t0, 1), "output": str(done)})
+
+
+def run_chain(cfg: ChainConfig) -> Path:
+    import export.__main__ as export_cli
+    import prune.__main__ as prune_cli
+    import quantize.__main__ as quantize_cli
+    import train
+
+    from .host import HOST_COLUMNS, HostConfig, run_host
+    from .report import write_csv
+
+    out = Path(cfg.out or "runs/chain")
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    log: list[dict] = []
+    command = " ".join(["python -m bench"] + [shlex.quote(a) for a in sys.argv[1:]])
+
+    # 1. baseline
+    baseline = Path(cfg.init) if cfg.init else out / "baseline" / "checkpoint.pt"
+    if not cfg.init:
+        done = out / "baseline" / "metrics.json"
+        args = ["--out", str(out / "baseline"), "--root", cfg.data, "--width", str(cfg.width),
+                "--epochs", str(cfg.train_epochs), "--max-train-images", str(cfg.train_images)]
+        resume = ["--resume"] if baseline.exists() else []
+        _step("train baseline", out / "baseline" / "done", lambda: _train(train, args + resume, out), log)
+    elif not baseline.is_file():
+        raise ValueError(f"--init checkpoint not found: {baseline}")
+
+    # 2-4. sweep, prune, fine-tune
+    pruned = out / "prune" / "pruned.pt"
+    _step("sweep + prune + fine-tune", pruned, lambda: prune_cli.main([
+        "--checkpoint", str(baseline), "--out", str(out / "prune"), "--data", cfg.data, "--ratio", cfg.prune,
+        "--epochs", str(cfg.finetune_epochs), "--images-per-epoch", str(cfg.finetune_images),
+        "--sweep-images", str(cfg.sweep_images), "--eval-images", "2000"]), log)
+
+    # 5. quantize
+    qdir = out / "quantize"
+    qargs = ["--checkpoint", str(pruned), "--config", cfg.config, "--out", str(qdir)]
+    if cfg.qat:
+        qargs += ["--qat", "--epochs", str(cfg.qat_epochs), "--qat-images", str(cfg.qat_images)]
+    qckpt = qdir / "quantized.pt"
+    _step("quantize " + ("(QAT)" if cfg.qat else "(PTQ)"), qckpt, lambda: quantize_cli.main(qargs), log)
+
+    # 6. export, validated; the FP32 export of the same pruned model beside it
+    int8 = out / f"model_{cfg.config.lower()}.tflite"
+    fp32 = out / "model_fp32.tflite"
+    _step("export FP32", fp32, lambda: export_cli.main([
+        "--checkpoint", str(pruned), "--out", str(fp32), "--val-images", str(min(cfg.val_images, 200))]), log)
+    _step(f"export {cfg.config}", int8, lambda: export_cli.main([
+        "--checkpoint", str(qckpt), "--out", str(int8), "--val-images", str(cfg.val_images),
+        "--compare-to", str(fp32)]), log)
+
+    # 7. host benchmark
+    bench_csv = out / "bench_host.csv"
+
+    def bench():
+        rows = run_host(HostConfig(models=[str(fp32), str(int8)], threads=[1, 2], runs=cfg.host_runs))
+        write_csv(str(bench_csv), rows, HOST_COLUMNS)
+        return 0
+    _step("host benchmark", bench_csv, bench, log)
+
+    # 8. report
+    from .chain_report import write_chain_report
+    md, html = write_chain_report(out, command=command, baseline=str(baseline))
+    log.append({"step": "report", "output": str(html)})
+    total = time.perf_counter() - t_start
+    atomic_write_text(json.dumps({"config": asdict(cfg), "command": command, "steps": log,
+                                  "seconds": round(total, 1)}, indent=2) + "\n", out / "chain.json")
+    print(f"chain finished in {total / 60:.1f} min: {int8} (validated), {bench_csv}, {html}")
+    return html
+
+
+def _train(train_mod, args: list[str], out: Path) -> int:
+    code = train_mod.main(args)
+    if code == 0:
+        atomic_write_text("done\n", out / "baseline" / "done")
+    return code

@@ -1,0 +1,197 @@
+"""The experiment matrix: every configuration of the study, quantized, exported where LiteRT runs it, validated,
+and timed on the host (and on a phone with --device), one row of `matrix.csv` each (schema: bench.results).
+
+    python -m bench --matrix --checkpoint ../shared/models/cifar10_mobilenetv2_w1.0.pt --out runs/matrix
+
+Steps per row (a row already in matrix.csv is skipped, so an interrupted run resumes where it stopped; a
+quantized checkpoint already written is reloaded rather than recomputed):
+    1. PTQ (quantize.ptq.run_ptq) on the calibration split (real) or N(0, 1) images (random)
+    2. logits on the evaluation subset against the FP32 logits (quantize.metrics.compare_logits)
+    3. export with validation (export.run_export); a configuration LiteRT cannot run is recorded as refused
+    4. host latency of the file (bench.host.run_host); on a phone too with --device
+Finally the report (bench.study_report) is written from the CSV.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mobilenet.checkpoint import CheckpointError, atomic_save, load_model
+from mobilenet.data import DEFAULT_DATA, DataConfig, load_dataset
+from mobilenet.engine import predict
+from quantize.config import QuantConfig
+
+from .results import done_keys, row_key, write_matrix_row, write_meta, collect_meta
+
+__all__ = ["MatrixConfig", "study_rows", "method_of", "run_matrix", "row_name"]
+
+_SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+REFERENCE = str(_SHARED / "models" / "cifar10_mobilenetv2_w1.0.pt")
+
+
+@dataclass
+class MatrixConfig:
+    checkpoint: str = field(default="", metadata={
+        "help": "FP32 or pruned checkpoint (matrix default: the CIFAR-10 reference in ../shared/models)"})
+    out: str = field(default="", metadata={"help": "results directory (matrix default: runs/matrix)"})
+    data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
+    eval_every: int = field(default=5, metadata={
+        "help": "evaluate on every k-th test image (5: the stratified 2,000-image subset; 1: all 10,000)"})
+    calib_size: int = field(default=1000, metadata={"help": "calibration images (real: from the train split)"})
+    adaround_iters: int = field(default=300, metadata={"help": "AdaRound optimizer steps per layer"})
+    val_images: int = field(default=1000, metadata={"help": "test images run through each file and the simulation"})
+    host_runs: int = field(default=50, metadata={"help": "timed inferences per file on the host"})
+    threads: list[int] = field(default_factory=lambda: [1], metadata={
+        "help": "interpreter threads for the host timing (the matrix uses the first)"})
+    only: str = field(default="", metadata={"help": "comma-separated config names to run, e.g. FP32,W8A8"})
+    quick: bool = field(default=False, metadata={
+        "help": "W8A8 and W4A8 per channel on real data plus FP32 only (a smoke run of the whole matrix)"})
+    device: bool = field(default=False, metadata={"help": "also time every file on a phone over adb"})
+    serial: str | None = field(default=None, metadata={"help": "phone serial (with --device)"})
+    benchmark_binary: str | None = field(default=None, metadata={"help": "benchmark_model for the phone"})
+    prune_dir: str = field(default="", metadata={"help": "a pruning run directory to include in the report"})
+
+
+def method_of(q: QuantConfig) -> str:
+    """The matrix's method column: fp32, rtn (round to nearest), or the PTQ extras joined by '+'."""
+    if q.is_float:
+        return "fp32"
+    extras = [n for n, on in (("adaround", q.adaround), ("cle", q.cle), ("bc", q.bias_correction)) if on]
+    return "+".join(extras) or "rtn"
+
+
+def study_rows(calib_size: int, adaround_iters: int) -> list[tuple[QuantConfig, str]]:
+    """(config, method) for every row of the study, from quantize's own list (quantize.matrix.matrix_rows)."""
+    from quantize.matrix import matrix_rows
+    return [(q, method_of(q)) for q in matrix_rows(calib_size=calib_size, adaround_iters=adaround_iters)]
+
+
+def _key(qcfg: QuantConfig, method: str) -> dict:
+    static = qcfg.act_mode == "static"
+    return {"config": qcfg.name,
+            "granularity": qcfg.granularity if qcfg.w_bits is not None else "n/a",
+            "calib": qcfg.calib if static else "n/a",
+            "method": method}
+
+
+def row_name(key: dict) -> str:
+    parts = [key["config"], key["granularity"], key["calib"], key["method"]]
+    return "_".join(p.replace("/", "").replace("+", "-") for p in parts if p not in ("n/a", "rtn", "fp32"))
+
+
+def _quantize(model, dataset, qcfg: QuantConfig, path: Path):
+    """The frozen simulation for qcfg, reloaded from `path` if an earlier run saved it."""
+    from quantize.io import load_quantized, save_quantized
+    from quantize.ptq import run_ptq
+    if path.exists():
+        try:
+            return load_quantized(str(path))[0]
+        except CheckpointError:
+            path.unlink()
+    qm = run_ptq(model, dataset, qcfg, progress=False)
+    save_quantized(str(path), qm, {"ptq_report": getattr(qm, "ptq_report", {})})
+    return qm
+
+
+def _export(cfg: MatrixConfig, qcfg: QuantConfig, ckpt: Path, tfl: Path) -> dict:
+    from export import ExportConfig, ExportError, export_kind, run_export
+    w4 = "int8" if qcfg.w_bits == 4 else None
+    try:
+        export_kind(qcfg, w4)
+    except ExportError as e:
+        return {"export_status": "refused", "export_note": str(e).splitlines()[0]}
+    try:
+        rep = run_export(ExportConfig(checkpoint=str(ckpt), out=str(tfl), w4_storage=w4, data=cfg.data,
+                                      val_images=cfg.val_images, skip_builtin=True))
+    except ExportError as e:
+        return {"export_status": "failed", "export_note": str(e).splitlines()[0]}
+    v = rep["validation"]["runs"]["xnnpack"]
+    fs = rep["file_summary"]
+    note = "4-bit weights stored as int8 values in [-7, 7]" if w4 else ""
+    if qcfg.act_mode == "dynamic":
+        note = "static int16 ranges (LiteRT has no dynamic int16 path)"
+    return {"export_status": "ok", "export_note": note, "tflite": str(tfl),
+            "file_bytes": fs["size_bytes"], "gzip_bytes": fs["gzip_bytes"],
+            "exact_match": v.get("exact_outputs"), "max_lsb": v.get("max_lsb"),
+            "file_agreement": v.get("agreement")}
+
+
+def _host(cfg: MatrixConfig, tfl: str) -> dict:
+    from .host import HostConfig, run_host
+    r = run_host(HostConfig(models=[tfl], threads=cfg.threads[:1], xnnpack=[True], runs=cfg.host_runs))[0]
+    return {"host_ms_median": r["median_ms"], "host_ms_p5": r["p5_ms"], "host_ms_p95": r["p95_ms"],
+            "host_threads": cfg.threads[0]}
+
+
+def _device(cfg: MatrixConfig, tfl: str, out: Path) -> dict:
+    from .device import DeviceConfig, run_device
+    rows = run_device(DeviceConfig(models=[tfl], serial=cfg.serial, benchmark_binary=cfg.benchmark_binary,
+                                   csv=str(out / "device.csv")), log_dir=str(out / "device_logs"))
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return {}
+    return {"device_ms": ok[0].get("inference_avg_ms"), "device": ok[0].get("device")}
+
+
+def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
+    cfg = replace(cfg, checkpoint=cfg.checkpoint or REFERENCE, out=cfg.out or "runs/matrix")
+    if cfg.eval_every < 1:
+        raise ValueError(f"--eval-every should be >= 1 instead of {cfg.eval_every}")
+    out = Path(cfg.out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "tflite").mkdir(parents=True, exist_ok=True)
+    csv_path = out / "matrix.csv"
+    model, _ = load_model(cfg.checkpoint)
+    dataset = load_dataset(DataConfig(source="folder", root=cfg.data, layout=model.cfg.layout,
+                                      calib_size=cfg.calib_size))
+    eval_split = dataset.test.subset(torch.arange(0, len(dataset.test), cfg.eval_every))
+    meta = collect_meta(command or "python -m bench --matrix", cfg.checkpoint,
+                        eval_subset=f"every {cfg.eval_every}th CIFAR-10 test image ({len(eval_split)} images)",
+                        seed=0)
+    write_meta(out / "meta.json", meta)
+
+    from quantize.metrics import compare_logits, weight_size_bytes
+    ref_path = out / "fp32_logits.pt"
+    ref = torch.load(ref_path) if ref_path.exists() else None
+    if ref is None or len(ref) != len(eval_split):
+        ref = predict(model, eval_split, model.cfg.layout, desc="FP32 logits")
+        atomic_save(ref, ref_path)
+
+    rows = study_rows(cfg.calib_size, cfg.adaround_iters)
+    if cfg.quick:
+        rows = [r for r in rows if r[0].name == "FP32" or (r[0].name in ("W8A8", "W4A8") and r[1] == "rtn"
+                and r[0].granularity == "per-channel" and r[0].calib == "real")]
+    if cfg.only:
+        names = {n.strip().upper() for n in cfg.only.split(",") if n.strip()}
+        unknown = names - {q.name for q, _ in rows}
+        if unknown:
+            raise ValueError(f"--only names unknown configs {sorted(unknown)}")
+        rows = [r for r in rows if r[0].name in names]
+    done = done_keys(csv_path)
+    for qcfg, method in tqdm(rows, desc="matrix", unit="config"):
+        key = _key(qcfg, method)
+        if row_key(key) in done:
+            continue
+        name = row_name(key)
+        tqdm.write(f"== {name}")
+        ckpt = out / "checkpoints" / f"{name}.pt"
+        qm = _quantize(model, dataset, qcfg, ckpt)
+        m = compare_logits(ref, predict(qm, eval_split, model.cfg.layout, desc=name), eval_split.labels)
+        row = dict(key, w_bits=qcfg.w_bits, a_bits=qcfg.a_bits, act_mode=qcfg.act_mode, top1=m["acc_q"],
+                   top1_fp32=m["acc_ref"], agreement=m["agreement"], mse=m["mse"], snr_db=m["snr_db"],
+                   weight_bytes=weight_size_bytes(qm), eval_images=m["n"])
+        row.update(_export(cfg, qcfg, ckpt, out / "tflite" / f"{name}.tflite"))
+        if row.get("export_status") == "ok":
+            row.update(_host(cfg, row["tflite"]))
+            if cfg.device:
+                row.update(_device(cfg, row["tflite"], out))
+        write_matrix_row(csv_path, row)
+    from .study_report import write_report
+    md, html = write_report(out, prune_dir=cfg.prune_dir or None)
+    print(f"wrote {csv_path}, {md} and {html}")
+    return csv_path

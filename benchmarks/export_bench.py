@@ -1,0 +1,132 @@
+"""Export benchmark (issue 5): INT8 against FP32 and against the TensorFlow-converter peer, and the CIFAR-10 run.
+
+    part  what                                                    goal
+    1     ImageNet-layout MobileNetV2 1.0 at 224x224, random       INT8 latency <= 0.5x FP32 (1 thread, XNNPACK);
+          weights, BN statistics from random images in train mode, INT8 size <= 0.26x FP32; op counts equal the
+          calibrated on random images: FP32 and W8A8 exports,      canonical graph (35 CONV_2D, 17 DW, 10 ADD,
+          timed with the peer file in the same run                 1 MEAN, 1 FC, PADs only where needed)
+    2     (--cifar CKPT) the W8A8 export of a quantized CIFAR-10   exact-match rate, max LSB, agreement over
+          checkpoint, validated over --cifar-images test images     all test images
+
+Latency: bench.host (one child process per file, ai_edge_litert interpreter), ROUNDS rounds of RUNS timed
+inferences each, files interleaved per round; the figure is the median over rounds of each round's median,
+and ratios are taken within a round, then their median (the machine is shared and drifts).
+
+    python benchmarks/export_bench.py [--rounds 3] [--runs 100] [--cifar runs/export_dev/ref_w8a8.pt]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.host import HostConfig, host_description, run_host  # noqa: E402
+from export import validate as V  # noqa: E402
+from export.convert import convert  # noqa: E402
+from export.report import file_summary  # noqa: E402
+from mobilenet import ModelConfig, build_model  # noqa: E402
+from quantize import calibrate, freeze, prepare, recipe  # noqa: E402
+
+PEER = ROOT.parent / "shared" / "refs" / "mobilenet_v2_1.0_224_quant.tflite"
+CANONICAL = {"CONV_2D": 35, "DEPTHWISE_CONV_2D": 17, "ADD": 10, "MEAN": 1, "FULLY_CONNECTED": 1}
+STRIDE2_DW = 4  # depthwise convs with stride 2 at 224x224 (stages 2, 3, 4, 6): the only ones needing a PAD
+
+
+def imagenet_models(seed: int = 0):
+    """(FP32 simulation, frozen W8A8 simulation) of a random-weight ImageNet-layout MobileNetV2 1.0."""
+    torch.manual_seed(seed)
+    m = build_model(ModelConfig(layout="imagenet", width_mult=1.0, num_classes=1000)).train()
+    with torch.no_grad():
+        for _ in range(4):                       # BN running statistics from 4 batches of 8 random images
+            m(torch.randn(8, 3, 224, 224))
+    m.eval()
+    qm = prepare(m, recipe("W8A8", calib="random"))
+    calibrate(qm, [torch.randn(8, 3, 224, 224) for _ in range(2)])
+    return prepare(m, recipe("FP32")), freeze(qm)
+
+
+def part1(out_dir: Path, rounds: int, runs: int) -> dict:
+    fp32_qm, int8_qm = imagenet_models()
+    files = {}
+    for name, qm, kind in (("fp32", fp32_qm, "fp32"), ("int8", int8_qm, "int8")):
+        data, _ = convert(qm, kind, nhwc=True)
+        files[name] = out_dir / f"mnv2_224_{name}.tflite"
+        files[name].write_bytes(data)
+    problems, _ = V.check_structure(files["int8"].read_bytes(), int8_qm, "int8", False)
+    x = torch.randn(8, 3, 224, 224)
+    sanity = V.compare_codes(V.sim_outputs(int8_qm, x, True),
+                             V.run_file(files["int8"].read_bytes(), int8_qm, x, nhwc=True))
+    summaries = {k: file_summary(p.read_bytes()) for k, p in files.items()}
+    summaries["peer"] = file_summary(PEER.read_bytes())
+    models = [str(files["int8"]), str(files["fp32"]), str(PEER)]
+    per_round = []
+    for _ in range(rounds):
+        rows = run_host(HostConfig(models=models, threads=[1], xnnpack=[True], runs=runs, warmup=10))
+        per_round.append({Path(r["model"]).name: r["median_ms"] for r in rows})
+    med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
+    i8, f32, peer = (Path(m).name for m in models)
+    ratio = lambda a, b: statistics.median(r[a] / r[b] for r in per_round)  # noqa: E731
+    ops = summaries["int8"]["ops"]
+    return {
+        "structure_problems": problems, "sanity_8_random_images": sanity,
+        "median_ms": med, "per_round_median_ms": per_round,
+        "int8_over_fp32_latency": ratio(i8, f32), "int8_over_peer_latency": ratio(i8, peer),
+        "size_bytes": {k: s["size_bytes"] for k, s in summaries.items()},
+        "int8_over_fp32_size": summaries["int8"]["size_bytes"] / summaries["fp32"]["size_bytes"],
+        "ops": {k: s["ops"] for k, s in summaries.items()},
+        "ops_canonical": all(ops.get(k) == v for k, v in CANONICAL.items())
+        and ops.get("PAD", 0) <= STRIDE2_DW and not {"QUANTIZE", "DEQUANTIZE", "TRANSPOSE"} & set(ops),
+    }
+
+
+def part2(ckpt: str, n: int, out_dir: Path) -> dict:
+    out = out_dir / "cifar10_w8a8.tflite"
+    cmd = [sys.executable, "-m", "export", "--checkpoint", ckpt, "--out", str(out), "--val-images", str(n)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    res = {"command": " ".join(cmd[1:]), "exit": proc.returncode, "seconds": round(time.time() - t0)}
+    if proc.returncode == 0:
+        rep = json.loads(Path(str(out) + ".json").read_text())
+        res.update({k: rep["validation"]["runs"][k] for k in rep["validation"]["runs"]})
+        res["size_bytes"] = rep["file_summary"]["size_bytes"]
+    else:
+        res["stderr_tail"] = proc.stderr.strip().splitlines()[-6:]
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--runs", type=int, default=100, help="timed inferences per file per round")
+    p.add_argument("--cifar", default=None, help="quantized CIFAR-10 checkpoint to export and validate")
+    p.add_argument("--cifar-images", type=int, default=10000)
+    p.add_argument("--out-dir", default=str(ROOT / "runs" / "export_bench"))
+    p.add_argument("--skip-latency", action="store_true")
+    args = p.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    res = {"command": "python benchmarks/export_bench.py " + " ".join(argv or sys.argv[1:]), "commit": commit,
+           "machine": host_description(), "torch": torch.__version__}
+    if not args.skip_latency:
+        res["imagenet_224"] = part1(out_dir, args.rounds, args.runs)
+    if args.cifar:
+        res["cifar10_w8a8"] = part2(args.cifar, args.cifar_images, out_dir)
+    (out_dir / "export_bench.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print(json.dumps(res, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()

@@ -1,0 +1,231 @@
+"""Pruning benchmark on the reference checkpoint (issue 3). Stages, each writing into runs/prune_bench/<stage>/:
+
+    unstructured   global sweep (2,000 images) + 70% global L1 + fine-tune within a time budget
+    structured     50% of expansion channels removed + latency before/after + fine-tune within a budget
+    layers         per-layer sensitivity sweep on a small subset (53 layers x 5 ratios)
+    report         append the "## Pruning (issue 3)" section to benchmarks/RESULTS.md from the stages' JSON
+
+    nohup .venv/bin/python benchmarks/prune_bench.py --stages unstructured,structured,layers,report \
+        > runs/prune_bench.log 2>&1 &
+
+Accuracies before/after are fp32 on every 5th test image (the 2,000-image reference subset, 82.55% for the
+reference model) unless --eval-images says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mobilenet.checkpoint import atomic_write_text, load_model  # noqa: E402
+from mobilenet.data import DataConfig, load_dataset  # noqa: E402
+from prune.config import PruneConfig  # noqa: E402
+from prune.pipeline import run_prune_pipeline, write_json  # noqa: E402
+from prune.plots import plot_layer_heatmap  # noqa: E402
+from prune.structured import compare_latency  # noqa: E402
+from prune.sweep import eval_subset, per_layer_sweep  # noqa: E402
+
+REFERENCE = ROOT.parent / "shared" / "models" / "cifar10_mobilenetv2_w1.0.pt"
+STAGES = ("unstructured", "structured", "layers", "latency", "report")
+
+
+@dataclass
+class BenchConfig:
+    stages: str = "unstructured,structured,layers,report"   # comma-separated, in this order
+    checkpoint: str = str(REFERENCE)
+    out: str = str(ROOT / "runs" / "prune_bench")
+    ratio: float = 0.7                  # global unstructured sparsity
+    structured: float = 0.5             # fraction of expansion channels removed
+    eval_images: int = 2000             # fp32 before/after accuracies: every 5th test image
+    lr: float = 0.01                    # fine-tuning SGD lr per batch of 128 (cosine to 0)
+    epochs: int = 3                     # fine-tuning epochs (each capped below)
+    images_per_epoch: int = 20000       # training images per fine-tuning epoch
+    budget_unstructured: float = 20.0   # minutes of fine-tuning, 70% global run
+    budget_structured: float = 10.0     # minutes of fine-tuning, structured run
+    layer_images: int = 200             # per-layer sweep subset (bf16)
+    global_sweep: int = 1               # 1: run the global sweep in the unstructured stage; 0: keep its old CSV
+    threads: int = 2
+    results: str = str(ROOT / "benchmarks" / "RESULTS.md")   # the report stage appends/replaces its section here
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, torch {torch.__version__}, " \
+           f"{torch.get_num_threads()} threads, Python {platform.python_version()}".replace("  ", " ")
+
+
+def _prune_cfg(b: BenchConfig, **kw) -> PruneConfig:
+    base = dict(eval_images=b.eval_images, lr=b.lr, epochs=b.epochs, images_per_epoch=b.images_per_epoch,
+                sweep_per_layer=False, bf16=True, channels_last=True, latency_repeats=30)
+    base.update(kw)
+    return PruneConfig(**base)
+
+
+def stage_unstructured(b, model, ds):
+    cfg = _prune_cfg(b, ratio=b.ratio, sweep=bool(b.global_sweep), budget_minutes=b.budget_unstructured)
+    return run_prune_pipeline(model, ds, b, Path(b.out) / "unstructured", cfg=cfg, source=b.checkpoint)
+
+
+def stage_structured(b, model, ds):
+    cfg = _prune_cfg(b, structured=b.structured, sweep=False, budget_minutes=b.budget_structured)
+    return run_prune_pipeline(model, ds, b, Path(b.out) / "structured", cfg=cfg, source=b.checkpoint)
+
+
+def stage_layers(b, model, ds):
+    cfg = PruneConfig(sweep_bf16=True, channels_last=True)
+    out = Path(b.out) / "layers"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"bench": asdict(b), "prune_config": cfg.to_dict()}, out / "prune_config.json")
+    work = model.to(memory_format=torch.channels_last)
+    rows = per_layer_sweep(work, eval_subset(ds.test, b.layer_images), cfg, csv_path=out / "sweep_layers.csv")
+    plot_layer_heatmap(rows, out / "sweep_layers.png")
+    return rows
+
+
+def stage_latency(b, model, ds):
+    """Re-time dense vs the structured stage's pruned.pt, in alternation, with more repeats (a busy machine)."""
+    small, _ = load_model(Path(b.out) / "structured" / "pruned.pt")
+    res = {f"b{n}": compare_latency({"dense": model, "small": small}, n, 32, reps) for n, reps in ((1, 60), (64, 12))}
+    res["machine"] = _machine()
+    write_json(res, Path(b.out) / "structured" / "latency.json")
+    for k in ("b1", "b64"):
+        print(f"latency {k}: dense {res[k]['dense']['median_ms']:.2f} ms, small {res[k]['small']['median_ms']:.2f} ms "
+              f"-> {res[k]['small']['median_ms'] / res[k]['dense']['median_ms']:.3f}x")
+    return res
+
+
+def _pct(x):
+    return f"{100 * x:.2f}%"
+
+
+def stage_report(b: BenchConfig, cmd: str):
+    out = Path(b.out)
+    cmds = [f"`{(out / st / 'command.txt').read_text().strip()}`" for st in ("unstructured", "structured", "layers",
+                                                                         "latency") if (out / st / "command.txt").is_file()]
+    lines = ["", "## Pruning (issue 3)", "",
+             "Commands (background, `nohup ... > runs/prune_bench_<stage>.log`): " + "; ".join(cmds + [f"`{cmd}`"]) + "  ", f"Commit: `{_git_commit()}` (plus uncommitted prune/ work)  ",
+             f"Machine: {_machine()}  ",
+             f"Model: {b.checkpoint} (reference FP32). Accuracy: fp32, eval mode, on {b.eval_images or 10000} "
+             f"test images (every 5th of the 10,000; reference 82.55%), one run each, measured in the same run.", ""]
+    u = out / "unstructured" / "prune_report.json"
+    if u.is_file():
+        r = json.loads(u.read_text())
+        pc = json.loads((out / "unstructured" / "prune_config.json").read_text())["prune_config"]
+        lines += ["### Global L1 sweep (no fine-tuning; bf16 eval on 2,000 images, drop vs the bf16 baseline)", "",
+                  "| ratio | sparsity reached | top-1 | drop (points) |", "|---|---|---|---|"]
+        import csv
+        sweep = list(csv.DictReader(open(out / "unstructured" / "sweep_global.csv")))
+        lines += [f"| {float(s['ratio']):.2f} | {_pct(float(s['reached_sparsity']))} | {_pct(float(s['acc']))} | "
+                  f"{float(s['drop_points']):+.2f} |" for s in sweep]
+        ft = r.get("finetune", {})
+        lines += ["", f"### {int(100 * b.ratio)}% global unstructured + fine-tuning", "",
+                  f"- baseline {_pct(r['acc_baseline'])}, pruned {_pct(r.get('acc_pruned', float('nan')))}, "
+                  f"after BN re-estimation {_pct(r.get('acc_bn_recalibrated', float('nan')))}, fine-tuned {_pct(r['acc_final'])}: **drop {r['drop_points']:+.2f} points** (goal <= 1)",
+                  f"- fine-tuning: SGD lr {pc['lr']} cosine (by steps or time, whichever ends first), bf16 + "
+                  f"channels_last, {ft.get('steps')} steps of {pc['batch_size']} ({ft.get('images')} images) in "
+                  f"{ft.get('seconds')} s (budget {pc['budget_minutes']} min; {ft.get('planned_steps')} steps planned)",
+                  f"- global sparsity {_pct(r['global_sparsity'])} over pruned layers (stem conv kept dense), "
+                  f"{_pct(r['total_sparsity'])} over all conv/linear weights; {r['nonzero']:,} of {r['numel']:,} "
+                  f"non-zero",
+                  f"- weights: dense {r['size_baseline']['dense_bytes']:,} B; gzip of the state_dict "
+                  f"{r['size_baseline']['gzip_bytes']:,} B -> {r['size_pruned']['gzip_bytes']:,} B",
+                  f"- files: {out}/unstructured/ (pruned.pt, prune_report.json, prune_layers.csv, "
+                  f"sweep_global.png)"]
+    s = out / "structured" / "prune_report.json"
+    if s.is_file():
+        r = json.loads(s.read_text())
+        pc = json.loads((out / "structured" / "prune_config.json").read_text())["prune_config"]
+        bb, aa = r["structured_before"], r["structured_after"]
+        lat = r["structured_latency_ratio"]
+        lj = out / "structured" / "latency.json"
+        if lj.is_file():   # the re-timing in alternation with more repeats replaces the pipeline's own figures
+            L = json.loads(lj.read_text())
+            for n in ("b1", "b64"):
+                bb[f"latency_{n}"], aa[f"latency_{n}"] = L[n]["dense"], L[n]["small"]
+                lat[f"latency_{n}"] = L[n]["small"]["median_ms"] / L[n]["dense"]["median_ms"]
+        lines += ["", f"### {int(100 * b.structured)}% structured (expansion channels)", "",
+                  "| | params | MACs/image | torch CPU latency b1 (median) | b64 (median) |", "|---|---|---|---|---|",
+                  f"| dense | {bb['params']:,} | {bb['macs']:,} | {bb['latency_b1']['median_ms']:.2f} ms | "
+                  f"{bb['latency_b64']['median_ms']:.1f} ms |",
+                  f"| pruned | {aa['params']:,} | {aa['macs']:,} | {aa['latency_b1']['median_ms']:.2f} ms | "
+                  f"{aa['latency_b64']['median_ms']:.1f} ms |",
+                  f"| ratio | {aa['params'] / bb['params']:.3f} | {aa['macs'] / bb['macs']:.3f} | "
+                  f"**{lat['latency_b1']:.3f}x** | **{lat['latency_b64']:.3f}x** |", "",
+                  f"- latency: torch fp32 eval, channels_last, dense and pruned timed in alternation, {bb['latency_b1']['threads']} threads, median of "
+                  f"{bb['latency_b1']['repeats']} (b1) / {bb['latency_b64']['repeats']} (b64) runs (goal <= 0.6x)",
+                  f"- accuracy: baseline {_pct(r['acc_baseline'])}, after removal {_pct(r['acc_structured'])}, "
+                  f"after BN re-estimation {_pct(r.get('acc_bn_recalibrated', float('nan')))}, "
+                  f"fine-tuned {_pct(r['acc_final'])}: drop {r['drop_points']:+.2f} points "
+                  f"({r.get('finetune', {}).get('steps')} steps of {pc['batch_size']}, SGD lr {pc['lr']}, budget "
+                  f"{pc['budget_minutes']} min)",
+                  f"- files: {out}/structured/"]
+    lay = out / "layers" / "sweep_layers.csv"
+    if lay.is_file():
+        import csv
+        rows = [r for r in csv.DictReader(open(lay)) if r["layer"] != "(none)"]
+        worst = sorted(rows, key=lambda r: -float(r["drop_points"]))[:5]
+        n_img = rows[0]["images"] if rows else "?"
+        lines += ["", f"### Per-layer sweep ({len(rows)} trials, bf16 on {n_img} evenly spaced test images)", "",
+                  "Most sensitive trials: " + "; ".join(f"{r['layer']} ({r['kind']}) at {r['ratio']}: "
+                                                      f"{float(r['drop_points']):+.1f}" for r in worst),
+                  f"Heat map: {lay.with_suffix('.png')}, table: {lay}"]
+    results = Path(b.results)
+    old = results.read_text() if results.exists() else "# Benchmark results\n"
+    if "## Pruning (issue 3)" in old:   # replace our own section only, leave the others
+        head, _, rest = old.partition("\n## Pruning (issue 3)")
+        nxt = rest.find("\n## ")
+        old = head + (rest[nxt:] if nxt >= 0 else "")
+    atomic_write_text(old.rstrip("\n") + "\n" + "\n".join(lines) + "\n", results)
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for k, v in asdict(BenchConfig()).items():
+        p.add_argument(f"--{k.replace('_', '-')}", dest=k, type=type(v), default=v)
+    b = BenchConfig(**vars(p.parse_args(argv)))
+    stages = [s.strip() for s in b.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        print(f"unknown stage(s) {bad}; expected some of {STAGES}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(b.threads)
+    cmd = "python benchmarks/prune_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ds = None
+    for st in stages:
+        t = time.monotonic()
+        print(f"== stage {st} ==", flush=True)
+        if st != "report":
+            atomic_write_text(cmd + "\n", Path(b.out) / st / "command.txt")
+        if st == "report":
+            stage_report(b, cmd)
+            continue
+        if ds is None and st != "latency":
+            ds = load_dataset(DataConfig())
+        model, _ = load_model(b.checkpoint)
+        {"unstructured": stage_unstructured, "structured": stage_structured, "layers": stage_layers,
+         "latency": stage_latency}[st](b, model, ds)
+        print(f"== stage {st} done in {time.monotonic() - t:.0f} s ==", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Training speed of our MobileNetV2 against torchvision's `mobilenet_v2`, in one run, as a ratio (goal >= 0.95).
+
+    python benchmarks/train_speed.py                       # width 1.0, batch 128, bf16 + channels_last
+    python benchmarks/train_speed.py --width 0.5 --repeats 7
+
+Both models get the CIFAR layout (torchvision's with the stem and stage-2 strides set to 1, as in
+shared/models/README.md), the same SGD-Nesterov step with label smoothing, the same batch of normalized images
+(fixed synthetic pixels: this measures the model, not the loader), bf16 autocast and channels_last. The repeats
+interleave the two models (ours, torchvision, ours, ...) so that a change in machine load hits both; the ratio is
+the median of the per-repeat ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.models import mobilenet_v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mobilenet import ModelConfig, build_model  # noqa: E402
+from mobilenet.data import normalize  # noqa: E402
+from mobilenet.engine import autocast_ctx  # noqa: E402
+
+__all__ = ["SpeedConfig", "main"]
+
+
+@dataclass
+class SpeedConfig:
+    width: float = 1.0        # width multiplier of both models
+    batch_size: int = 128     # images per step
+    steps: int = 4            # timed optimizer steps per repeat and model
+    warmup: int = 2           # untimed steps per model before the first repeat (allocator, oneDNN primitives)
+    repeats: int = 5          # interleaved repeats (ours, torchvision) x repeats
+    bf16: bool = True         # bf16 autocast in the forward pass
+    channels_last: bool = True
+    threads: int = 0          # torch threads; 0 = torch's default (one per core)
+    seed: int = 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(SpeedConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}[f.type], default=f.default)
+    return p
+
+
+def _torchvision_cifar(width: float) -> torch.nn.Module:
+    tv = mobilenet_v2(width_mult=width, num_classes=10)
+    tv.features[0][0].stride = (1, 1)           # stem: stride 2 -> 1 for CIFAR
+    tv.features[2].conv[1][0].stride = (1, 1)   # stage 2, first block, dw: stride 2 -> 1 for CIFAR
+    return tv
+
+
+def _step_fn(model, cfg: SpeedConfig, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def step():
+        with autocast_ctx("cpu", cfg.bf16):
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = SpeedConfig(**vars(_parser().parse_args(argv)))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = normalize(torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8, generator=g))  # (N, 3, 32, 32)
+    y = torch.randint(0, 10, (cfg.batch_size,), generator=g)
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=memory)
+    models = {"ours": build_model(ModelConfig(layout="cifar", width_mult=cfg.width, num_classes=10)),
+              "torchvision": _torchvision_cifar(cfg.width)}
+    steps = {}
+    for name, m in models.items():
+        m.to(memory_format=memory).train()
+        steps[name] = _step_fn(m, cfg, x, y)
+        for _ in range(cfg.warmup):
+            steps[name]()
+    rates = {name: [] for name in models}  # images per second, one entry per repeat
+    for r in range(cfg.repeats):
+        for name in models:
+            t0 = time.perf_counter()
+            for _ in range(cfg.steps):
+                steps[name]()
+            rates[name].append(cfg.steps * cfg.batch_size / (time.perf_counter() - t0))
+        print(f"repeat {r + 1}/{cfg.repeats}: ours {rates['ours'][-1]:.1f} img/s, "
+              f"torchvision {rates['torchvision'][-1]:.1f} img/s", flush=True)
+    ratios = [a / b for a, b in zip(rates["ours"], rates["torchvision"])]
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\nconfig: {asdict(cfg)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cpus, {platform.processor() or platform.machine()}")
+    for k, v in rates.items():
+        print(f"{k:12s} median {med[k]:7.1f} img/s  (min {min(v):.1f}, max {max(v):.1f}, {len(v)} repeats)")
+    print(f"ratio ours/torchvision: median {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}); goal >= 0.95")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""From a frozen QMobileNet to .tflite bytes with litert-torch, per configuration of the study.
+
+    config   what the file is                                       how
+    FP32     float32 weights and compute                            plain convert
+    W8A32    int8 weights (our scales) + DEQUANTIZE, float compute  static Q/DQ on weights only; classifier as 1x1
+    W8A8     fully int8: int8 weights, int8 activations, int32      static Q/DQ everywhere
+             biases; int8 input and output unless float io
+    W8A16    int16 activations (symmetric, zero-point 0, STATIC     calibrate static int16 ranges at export, Q/DQ,
+             ranges), int8 weights, int64 biases                    then rewrite the int32 biases as int64
+    W4A8     4-bit weights held as int8 values in [-7, 7]: exact,   only with w4_storage="int8" (asked for by name);
+    W4A32    no size gain                                           refused otherwise
+    W16A32   refused: LiteRT's DEQUANTIZE takes no per-channel int16 weights ("Type 7 not supported for
+             per-channel"); its 16-bit weights are fp16, another number format than our int16 simulation
+
+W8A16 in the simulation is dynamic (per-sample ranges at run time); LiteRT's int16 kernels use fixed ranges,
+so the export is a *static* int16 model, validated against a static int16 simulation with the same weights.
+Nothing ever falls back to another precision: a configuration that cannot be a real LiteRT file is refused.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from quantize.config import QuantConfig
+from quantize.fakequant import DynamicFakeQuant, FakeQuant
+from quantize.qmodel import QMobileNet, calibrate, freeze, qlayers
+from quantize.spec import activation_spec
+
+from . import flatbuffer as fb
+from .qdq import QDQMobileNet
+
+__all__ = ["ExportError", "export_kind", "static_int16", "convert", "KINDS"]
+
+KINDS = ("fp32", "weight-only", "int8", "int16")
+
+
+class ExportError(ValueError):
+    """A model or configuration that cannot become a real LiteRT file (or a file that failed validation)."""
+
+
+def export_kind(cfg: QuantConfig, w4_storage: str | None = None) -> str:
+    """Which kind of file `cfg` becomes, or ExportError saying why LiteRT cannot run it."""
+    if cfg.is_float:
+        return "fp32"
+    if cfg.w_bits is None:
+        raise ExportError(f"{cfg.name}: float weights with quantized activations has no LiteRT kernel")
+    if cfg.w_bits == 4:
+        if w4_storage != "int8":
+            raise ExportError(
+                f"{cfg.name}: 4-bit weights are refused by default. LiteRT runs them exactly only as int8 values "
+                "in [-7, 7] (no size gain: pass --w4-storage int8 to export that); torch.int4 is rejected by "
+                "torch.export and real INT4 tensors run convs on slow non-XNNPACK kernels")
+    elif cfg.w_bits == 16:
+        raise ExportError(
+            f"{cfg.name}: LiteRT has no int16 weight path (its DEQUANTIZE rejects per-channel int16, and its "
+            "16-bit weights are fp16, a different number format from this int16 simulation)")
+    elif cfg.w_bits != 8:
+        raise ExportError(f"{cfg.name}: {cfg.w_bits}-bit weights have no LiteRT storage type")
+    if cfg.a_bits is None:
+        return "weight-only"
+    if cfg.a_bits == 8 and cfg.act_mode == "static":
+        return "int8"
+    if cfg.a_bits == 16 and cfg.w_bits == 8:
+        return "int16"
+    raise ExportError(f"{cfg.name}: {cfg.a_bits}-bit {cfg.act_mode} activations have no LiteRT kernels "
+                      "(LiteRT runs int8 or symmetric int16 activations with fixed ranges)")
+
+
+@torch.no_grad()
+def static_int16(qm: QMobileNet, batches) -> QMobileNet:
+    """A copy of a (dynamic or static) 16-bit-activation simulation with static symmetric int16 ranges calibrated
+    on `batches` (min/max), the same quantized weights, and int32-grid biases at s_in * s_w like the file."""
+    from quantize.qmodel import _link_inputs
+    out = copy.deepcopy(qm).eval()
+    spec = activation_spec(16)
+
+    def swap(parent: nn.Module, name: str):
+        if isinstance(getattr(parent, name), DynamicFakeQuant):
+            setattr(parent, name, FakeQuant(spec, "minmax"))
+
+    swap(out, "quant_in")
+    swap(out, "pool_fq")
+    for m in out.modules():
+        for name in ("out_fq", "add_fq"):
+            if hasattr(m, name):
+                swap(m, name)
+    for layer in qlayers(out).values():
+        layer.quant_bias = True
+    out.qcfg = replace(qm.qcfg, act_mode="static")
+    _link_inputs(out)
+    n = calibrate(out, batches)
+    if n == 0:
+        raise ExportError("W8A16 export needs calibration images for its static int16 ranges")
+    return freeze(out)
+
+
+def _quantizer():
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig as LiteQuantConfig
+    # Never run: it only switches the converter into static Q/DQ mode, which keeps our own Q/DQ ops.
+    return LiteQuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(get_symmetric_quantization_config()))
+
+
+def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = False) -> tuple[bytes, dict]:
+    """The .tflite bytes of `qm` (frozen) as `kind`, batch 1. Returns (bytes, notes on what was edited)."""
+    import litert_torch
+    if kind not in KINDS:
+        raise ExportError(f"unknown export kind {kind!r}; expected one of {KINDS}")
+    module = QDQMobileNet(qm, nhwc=nhwc).eval()
+    size = qm.model_cfg.input_size
+    x = torch.zeros(1, size, size, 3) if nhwc else torch.zeros(1, 3, size, size)  # batch 1, fixed by export
+    quant_config = None if kind == "fp32" else _quantizer()
+    data = bytes(litert_torch.convert(module, (x,), quant_config=quant_config).model_content())
+    float_io = float_io or kind in ("fp32", "weight-only")  # float graphs have float io anyway
+    notes = {"batch": 1, "layout": "NHWC" if nhwc else "NCHW", "float_io": float_io}
+    if kind in ("int8", "int16"):
+        model = fb.read(data)
+        if kind == "int16":
+            notes["biases_rewritten_int64"] = fb.biases_to_int64(model)
+        if float_io:
+            fb.add_float_io(model)
+        data = fb.write(model)
+    return data, notes

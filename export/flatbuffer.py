@@ -1,0 +1,117 @@
+"""Edits of a converted .tflite flatbuffer, each one small and checked afterwards by validation.
+
+    edit              why
+    add_float_io      the converter folds the edge Q/DQ into int8 graph inputs/outputs; float io puts one
+                      QUANTIZE before the first op and one DEQUANTIZE after the last
+    biases_to_int64   int16-activation convs need int64 biases; the converter writes int32 ones, which
+                      DEPTHWISE_CONV_2D refuses and CONV_2D runs with wrong results (no error)
+
+Everything goes through `ai_edge_litert.tools.flatbuffer_utils` (object API of the schema), no TensorFlow.
+"""
+from __future__ import annotations
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+__all__ = ["read", "write", "op_name", "add_float_io", "biases_to_int64", "TensorType", "BuiltinOperator",
+           "TYPE_NAMES"]
+
+TensorType = schema.TensorType
+BuiltinOperator = schema.BuiltinOperator
+TYPE_NAMES = {v: k for k, v in vars(TensorType).items() if not k.startswith("_")}
+_OP_NAMES = {v: k for k, v in vars(BuiltinOperator).items() if not k.startswith("_")}
+_WEIGHTED = {BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D, BuiltinOperator.FULLY_CONNECTED}
+
+
+def read(data: bytes) -> schema.ModelT:
+    return fbu.read_model_from_bytearray(bytearray(data))
+
+
+def write(model: schema.ModelT) -> bytes:
+    return bytes(fbu.convert_object_to_bytearray(model))
+
+
+def _code(model, op) -> int:
+    return fbu.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])
+
+
+def op_name(model, op) -> str:
+    return _OP_NAMES.get(_code(model, op), "CUSTOM")
+
+
+def _opcode_index(model, code: int, version: int = 1) -> int:
+    for i, oc in enumerate(model.operatorCodes):
+        if fbu.get_builtin_code_from_operator_code(oc) == code:
+            return i
+    oc = schema.OperatorCodeT()
+    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
+    model.operatorCodes.append(oc)
+    return len(model.operatorCodes) - 1
+
+
+def _new_buffer(model, data: bytes | None = None) -> int:
+    buf = schema.BufferT()
+    buf.data = None if data is None else np.frombuffer(data, dtype=np.uint8).copy()
+    model.buffers.append(buf)
+    return len(model.buffers) - 1
+
+
+def _float_twin(model, sg, t_idx: int, suffix: str) -> int:
+    """A float32 tensor of the same shape as tensor t_idx (no quantization), appended to the subgraph."""
+    src = sg.tensors[t_idx]
+    t = schema.TensorT()
+    t.shape, t.type, t.buffer = list(src.shape), TensorType.FLOAT32, _new_buffer(model)
+    t.name = (src.name.decode() if isinstance(src.name, bytes) else (src.name or "")) + suffix
+    if src.shapeSignature is not None:
+        t.shapeSignature = list(src.shapeSignature)
+    sg.tensors.append(t)
+    return len(sg.tensors) - 1
+
+
+def add_float_io(model: schema.ModelT) -> schema.ModelT:
+    """Make every integer input/output of subgraph 0 float: QUANTIZE at the inputs, DEQUANTIZE at the outputs.
+    The integer tensors keep their scales, so the graph computes exactly what it did on integer io."""
+    sg = model.subgraphs[0]
+    q_op, dq_op = _opcode_index(model, BuiltinOperator.QUANTIZE), _opcode_index(model, BuiltinOperator.DEQUANTIZE)
+    remap, head, tail = {}, [], []  # integer io tensor -> its float twin
+    for t in sg.inputs:
+        if sg.tensors[t].type != TensorType.FLOAT32:
+            remap[t] = _float_twin(model, sg, t, "_float")
+            head.append(_op(q_op, [remap[t]], [t]))
+    for t in sg.outputs:
+        if sg.tensors[t].type != TensorType.FLOAT32:
+            remap[t] = _float_twin(model, sg, t, "_float")
+            tail.append(_op(dq_op, [t], [remap[t]]))
+    sg.operators = head + list(sg.operators) + tail
+    sg.inputs = [remap.get(t, t) for t in sg.inputs]
+    sg.outputs = [remap.get(t, t) for t in sg.outputs]
+    for sig in model.signatureDefs or []:  # signatures name the io tensors by index
+        for tm in list(sig.inputs or []) + list(sig.outputs or []):
+            tm.tensorIndex = remap.get(tm.tensorIndex, tm.tensorIndex)
+    return model
+
+
+def _op(opcode: int, inputs: list[int], outputs: list[int]) -> schema.OperatorT:
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = opcode, inputs, outputs
+    return op
+
+
+def biases_to_int64(model: schema.ModelT) -> int:
+    """Rewrite the int32 bias of every conv / FC whose input is int16 as int64 (same values). Returns the count."""
+    n = 0
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            if _code(model, op) not in _WEIGHTED or len(op.inputs) < 3 or op.inputs[2] < 0:
+                continue
+            if sg.tensors[op.inputs[0]].type != TensorType.INT16:
+                continue
+            bias = sg.tensors[op.inputs[2]]
+            if bias.type != TensorType.INT32:
+                continue
+            values = np.frombuffer(bytes(model.buffers[bias.buffer].data), dtype="<i4").astype("<i8")
+            bias.buffer = _new_buffer(model, values.tobytes())  # a fresh buffer: the old one may be shared
+            bias.type = TensorType.INT64
+            n += 1
+    return n

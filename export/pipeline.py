@@ -1,0 +1,196 @@
+"""checkpoint -> .tflite + report, validated before the file is kept.
+
+    step  what
+    1     hash the checkpoint (it must be unchanged at the end) and load it: a quantized checkpoint becomes its
+          frozen simulation; an FP32 / pruned one is exported as FP32 only
+    2     decide the file kind from the quant config, or refuse (never another precision)
+    3     W8A16: calibrate static int16 ranges (the simulation's are dynamic; LiteRT's int16 path is static)
+    4     convert (batch 1) and apply the flatbuffer edits; write to a temporary file beside --out
+    5     validate the temporary file: structure, then N test images through the file (XNNPACK gates; builtin
+          kernels reported too) and through the simulation
+    6     rename it to --out and write <out>.json; on any failure delete it and raise ExportError
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mobilenet.checkpoint import FORMAT, atomic_write_text, load_checkpoint, load_model
+from mobilenet.data import BatchLoader, DataConfig, DEFAULT_DATA, load_dataset
+from quantize.config import RECIPES
+from quantize.io import load_quantized
+from quantize.qmodel import prepare
+
+from . import validate as V
+from .convert import ExportError, convert, export_kind, static_int16
+from .report import file_summary, gzip_size, zero_weights
+
+__all__ = ["ExportConfig", "run_export", "load_for_export", "sha256"]
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = ""                # quantized (python -m quantize) or FP32 / pruned checkpoint
+    out: str = ""                       # the .tflite to write; the report goes to <out>.json
+    config: str | None = None           # expected quant config (e.g. W8A8); default: whatever the checkpoint holds
+    float_io: bool = False              # integer graphs: float input/output (one QUANTIZE, one DEQUANTIZE)
+    nhwc: bool = False                  # input (1, H, W, 3) instead of (1, 3, H, W) (no TRANSPOSE at the input)
+    w4_storage: str | None = None       # "int8": export 4-bit weights as int8 values in [-7, 7] (no size gain)
+    val_images: int = 1000              # test images run through the file and the simulation
+    calib_images: int = 256             # W8A16 only: calibration images for the static int16 ranges
+    data: str = DEFAULT_DATA            # CIFAR-10 JPEG archive / folder, or "random" for synthetic images
+    compare_to: str | None = None       # another .tflite (e.g. the dense export) whose size / gzip size to report
+    skip_builtin: bool = False          # do not also run the builtin kernels (they are reported, not gating)
+    max_lsb: int = 1                    # integer graphs: largest output difference accepted, in output LSBs
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_for_export(path: str) -> tuple[torch.nn.Module, dict]:
+    """(frozen QMobileNet, checkpoint). A float checkpoint becomes the FP32 'simulation' (BN folded)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") == FORMAT and ckpt.get("kind") == "quantized":
+        return load_quantized(ckpt)
+    model, ckpt = load_model(ckpt)
+    return prepare(model, RECIPES["FP32"]), ckpt
+
+
+def _images(cfg: ExportConfig, layout: str, n: int, split: str):
+    if cfg.data == "random":
+        ds = load_dataset(DataConfig(source="random", layout=layout, random_size=max(n, 1)))
+    else:
+        ds = load_dataset(DataConfig(source="folder", root=cfg.data, layout=layout))
+    s = getattr(ds, split)
+    n = min(n, len(s))
+    x, y = next(iter(BatchLoader(s.subset(torch.arange(n)), n, layout)))
+    return x, y
+
+
+def _validate(data: bytes, qm, kind: str, cfg: ExportConfig, x: torch.Tensor, y: torch.Tensor) -> dict:
+    int_graph = kind in ("int8", "int16")
+    problems, summary = V.check_structure(data, qm, kind, cfg.float_io)
+    sim = V.sim_outputs(qm, x, int_graph)
+    runs = {}
+    for kernels in ("xnnpack",) + (() if cfg.skip_builtin else ("builtin",)):
+        t0 = time.perf_counter()
+        got = V.run_file(data, qm, x, kernels=kernels, int_out=int_graph, nhwc=cfg.nhwc)
+        r = V.compare_codes(sim, got, y, cfg.max_lsb) if int_graph else V.compare_float(sim, got, y)
+        r["seconds"] = round(time.perf_counter() - t0, 2)
+        runs[kernels] = r
+    passed = not problems and runs["xnnpack"]["passed"]
+    return {"passed": passed, "structure_problems": problems, "structure": summary, "runs": runs,
+            "gate": {"kernels": "xnnpack", "max_lsb": cfg.max_lsb, "min_agreement": V.MIN_AGREEMENT,
+                     "float_atol_rel": V.FLOAT_ATOL}}
+
+
+def run_export(cfg: ExportConfig) -> dict:
+    """Do the whole export; returns the report. ExportError (nothing kept) on refusal or failed validation."""
+    if not cfg.out:
+        raise ExportError("--out is required (the .tflite file to write)")
+    if cfg.val_images < 1:
+        raise ExportError(f"--val-images should be >= 1 instead of {cfg.val_images}")
+    out = Path(cfg.out)
+    ckpt_path = Path(cfg.checkpoint)
+    if not ckpt_path.is_file():
+        raise ExportError(f"checkpoint not found: {ckpt_path}")
+    digest = sha256(ckpt_path)
+
+    qm, ckpt = load_for_export(str(ckpt_path))                                        # 1
+    qcfg = qm.qcfg
+    if cfg.config is not None and cfg.config.upper() != qcfg.name.upper():
+        if qcfg.is_float:
+            raise ExportError(f"{ckpt_path} holds an FP32 model (kind {ckpt.get('kind')!r}), not {cfg.config}: "
+                              f"quantize it first (python -m quantize --checkpoint {ckpt_path} --config "
+                              f"{cfg.config} --out DIR), or export it as FP32")
+        raise ExportError(f"{ckpt_path} holds a {qcfg.name} model, not {cfg.config}")
+    kind = export_kind(qcfg, cfg.w4_storage)                                          # 2
+    layout = qm.model_cfg.layout
+    x, y = _images(cfg, layout, cfg.val_images, "test")
+    dynamic_qm = None
+    if kind == "int16":                                                               # 3
+        cx, _ = _images(cfg, layout, cfg.calib_images, "calib")
+        dynamic_qm = qm if qcfg.act_mode == "dynamic" else None
+        qm = static_int16(qm, [cx[i:i + 128] for i in range(0, len(cx), 128)])
+
+    t0 = time.perf_counter()
+    data, notes = convert(qm, kind, float_io=cfg.float_io, nhwc=cfg.nhwc)             # 4
+    convert_s = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        data = Path(tmp).read_bytes()
+        validation = _validate(data, qm, kind, cfg, x, y)                             # 5
+        if dynamic_qm is not None:  # how the static int16 file relates to the checkpoint's dynamic simulation
+            dyn = V.sim_outputs(dynamic_qm, x, False)
+            got = V.run_file(data, qm, x, kernels="xnnpack", int_out=True, nhwc=cfg.nhwc)
+            validation["agreement_with_dynamic_sim"] = (dyn.argmax(1) == got.argmax(1)).double().mean().item()
+        report = _report(cfg, ckpt_path, digest, ckpt, qcfg, qm, kind, notes, data, validation, convert_s)
+        if not validation["passed"]:
+            raise ExportError(_failure_message(validation))
+        if sha256(ckpt_path) != digest:
+            raise ExportError(f"{ckpt_path} changed during the export")
+        os.replace(tmp, out)                                                          # 6
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    report["file"] = str(out)
+    atomic_write_text(json.dumps(report, indent=2, default=str) + "\n", str(out) + ".json")
+    return report
+
+
+def _failure_message(v: dict) -> str:
+    lines = ["validation failed; no file was kept"]
+    lines += [f"  structure: {p}" for p in v["structure_problems"][:10]]
+    if len(v["structure_problems"]) > 10:
+        lines.append(f"  ... and {len(v['structure_problems']) - 10} more structure problems")
+    for kernels, r in v["runs"].items():
+        gate = "gating" if kernels == "xnnpack" else "reported only"
+        if "max_lsb" in r:
+            lines.append(f"  outputs ({kernels}, {gate}): max {r['max_lsb']} LSB off (limit {v['gate']['max_lsb']}) "
+                         f"on {r['images_over_limit']} of {r['n']} images, exact outputs {r['exact_outputs']:.4%}, "
+                         f"top-1 agreement {r['agreement']:.4%} (limit {V.MIN_AGREEMENT:.1%})")
+        else:
+            lines.append(f"  outputs ({kernels}, {gate}): max |diff| {r['max_abs_diff']:.3g} (limit "
+                         f"{r['atol']:.3g}), top-1 agreement {r['agreement']:.4%}")
+    return "\n".join(lines)
+
+
+def _report(cfg, ckpt_path, digest, ckpt, qcfg, qm, kind, notes, data, validation, convert_s) -> dict:
+    rep = {
+        "source_checkpoint": str(ckpt_path), "source_sha256": digest, "source_kind": ckpt.get("kind"),
+        "quant_config": qcfg.to_dict(), "export_kind": kind, "export_config": asdict(cfg),
+        "graph": notes, "convert_seconds": round(convert_s, 1),
+        "activations": {"fp32": "float32", "weight-only": "float32 (int8 weights dequantized at run time)",
+                        "int8": "int8, static per-tensor ranges from the checkpoint",
+                        "int16": "int16 symmetric, STATIC per-tensor ranges calibrated at export "
+                                 f"({cfg.calib_images} calibration images, min/max); the checkpoint's simulation "
+                                 f"is {qcfg.act_mode}; validated against the static int16 simulation"}[kind],
+        "file_summary": file_summary(data),
+        "weights": zero_weights(data, qm),
+        "validation": validation,
+        "machine": platform.machine(), "torch": torch.__version__,
+    }
+    if kind == "int16":
+        rep["int16_calibration"] = {"images": cfg.calib_images, "observer": "minmax", "source": "calibration split"}
+    if cfg.compare_to:
+        other = Path(cfg.compare_to).read_bytes()
+        rep["compare_to"] = {"file": cfg.compare_to, "size_bytes": len(other), "gzip_bytes": gzip_size(other),
+                             "size_ratio": len(data) / len(other), "gzip_ratio": gzip_size(data) / gzip_size(other)}
+    return rep

@@ -1,0 +1,257 @@
+"""Validation of a converted file against the simulation it came from, with the real ai_edge_litert interpreter.
+
+Two parts, both on the bytes before they are kept:
+
+1. structure (`check_structure`): every conv / FC weight is int8 with exactly our scales, zero-points 0 and
+   codes, on the channel axis LiteRT expects (conv/FC: 0, depthwise [1, kh, kw, C]: 3); biases hold our
+   integers (int32; int64 with int16 activations) at s_in * s_w; an integer graph has no float tensor and no
+   QUANTIZE, DEQUANTIZE or TRANSPOSE inside (edge ops allowed: the float-io QUANTIZE / DEQUANTIZE and the NCHW
+   input TRANSPOSE); every activation tensor carries the scale and zero-point of one of our quantization points.
+2. numerics (`run_file`, `compare_codes`): N images through the file and through the simulation, whose float
+   output is turned into the output quantizer's integer codes; exact-match rate, largest difference in output
+   LSBs and top-1 agreement, with XNNPACK (the default CPU path, which gates) and with the builtin kernels.
+
+    gate (integer graphs)    any output more than 1 LSB off, or top-1 agreement below 99.9%
+    gate (float graphs)      max |file - simulation| above FLOAT_ATOL * max(1, max |simulation|), or agreement
+                             below 99.9% (float32 sums in another order: ~1e-6 relative, 1e-4 leaves room)
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+from quantize.core import quantize
+from quantize.qmodel import QMobileNet, qlayers
+
+__all__ = ["interpreter", "check_structure", "run_file", "sim_outputs", "compare_codes", "compare_float",
+           "MAX_LSB", "MIN_AGREEMENT", "FLOAT_ATOL", "RESOLVERS"]
+
+MAX_LSB = 1               # output codes
+MIN_AGREEMENT = 0.999     # top-1 of the file against top-1 of the simulation
+FLOAT_ATOL = 1e-4         # relative to max(1, max |logit|)
+RESOLVERS = {"xnnpack": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+_WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def interpreter(data: bytes, kernels: str = "xnnpack", threads: int = 1) -> Interpreter:
+    it = Interpreter(model_content=data, experimental_op_resolver_type=RESOLVERS[kernels], num_threads=threads)
+    it.allocate_tensors()
+    return it
+
+
+def _our_layer_arrays(layer, kind: str) -> dict:
+    """Our weight codes in LiteRT layout, scales, and (for integer graphs) bias codes and bias scales."""
+    with torch.no_grad():
+        w, b = layer.folded_weight_bias()
+        out = {"depthwise": layer.is_depthwise}
+        if layer.w_fq is None:
+            out["weight"] = w.detach().float().numpy()
+            return out
+        fq = layer.w_fq
+        q = quantize(w, fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax, fq.axis).numpy()
+        out["scale"] = fq.scale.reshape(-1).float().numpy()
+        if kind in ("int8", "int16"):
+            s_in = float(layer.input_fq.scale)
+            s_b = (fq.scale.float() * s_in).reshape(-1)           # quantize_bias's own float32 product
+            out["bias"] = torch.round(layer.quant_bias_value(b).float() / s_b).to(torch.int64).numpy()
+            out["bias_scale"] = s_b.numpy()
+    if q.ndim == 4:  # (O, I, kh, kw) -> (O, kh, kw, I); depthwise (C, 1, kh, kw) -> (1, kh, kw, C)
+        q = q.transpose(1, 2, 3, 0) if layer.is_depthwise else q.transpose(0, 2, 3, 1)
+    elif kind == "weight-only":  # the classifier, written as a 1x1 conv: (O, I) -> (O, 1, 1, I)
+        q = q.reshape(q.shape[0], 1, 1, q.shape[1])
+    out["codes"] = q
+    return out
+
+
+def _act_qparams(qm: QMobileNet) -> set[tuple[float, int]]:
+    from quantize.fakequant import FakeQuant
+    from quantize.qmodel import quant_points
+    return {(float(np.float32(fq.scale)), int(fq.zero_point)) for fq in quant_points(qm).values()
+            if isinstance(fq, FakeQuant)}
+
+
+def check_structure(data: bytes, qm: QMobileNet, kind: str, float_io: bool) -> tuple[list[str], dict]:
+    """Problems found (empty when the file is what we meant) and a summary of what was checked."""
+    it = interpreter(data, "builtin")
+    td = {d["index"]: d for d in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    producer = {o: op for op in ops for o in op["outputs"]}
+    g_in = {d["index"] for d in it.get_input_details()}
+    g_out = {d["index"] for d in it.get_output_details()}
+    problems: list[str] = []
+    layers = list(qlayers(qm).items())
+    weighted = [op for op in ops if op["op_name"] in _WEIGHTED]
+    if len(weighted) != len(layers):
+        problems.append(f"{len(weighted)} conv/FC ops in the file, {len(layers)} layers in the model")
+    int_graph = kind in ("int8", "int16")
+    checked_w = checked_b = 0
+    for op, (name, layer) in zip(weighted, layers):
+        ours = _our_layer_arrays(layer, kind)
+        w_idx = op["inputs"][1]
+        if kind == "weight-only" and w_idx in producer and producer[w_idx]["op_name"] == "DEQUANTIZE":
+            w_idx = producer[w_idx]["inputs"][0]
+        wt = td[w_idx]
+        if "codes" not in ours:  # float weights (FP32)
+            wf = it.get_tensor(w_idx)
+            ref = ours["weight"]
+            ref = ref.transpose(1, 2, 3, 0) if ours["depthwise"] else (ref.transpose(0, 2, 3, 1) if ref.ndim == 4
+                                                                        else ref)
+            if wf.dtype != np.float32 or wf.shape != ref.shape or not np.array_equal(wf, ref):
+                problems.append(f"{name}: float weight differs from the model's folded weight")
+            checked_w += 1
+            continue
+        qp = wt["quantization_parameters"]
+        want_dim = 3 if ours["depthwise"] else 0
+        if wt["dtype"] != np.int8:
+            problems.append(f"{name}: weight is {wt['dtype'].__name__}, not int8")
+            continue
+        if len(qp["scales"]) != len(ours["scale"]) or not np.array_equal(qp["scales"].astype(np.float32),
+                                                                          ours["scale"]):
+            problems.append(f"{name}: weight scales differ from ours (file {qp['scales'][:3]}..., "
+                            f"ours {ours['scale'][:3]}...)")
+        if np.any(qp["zero_points"] != 0):
+            problems.append(f"{name}: weight zero-points are not all 0")
+        if len(ours["scale"]) > 1 and qp["quantized_dimension"] != want_dim:
+            problems.append(f"{name}: weight quantized along dimension {qp['quantized_dimension']}, "
+                            f"expected {want_dim}")
+        codes = it.get_tensor(w_idx)
+        if codes.shape != ours["codes"].shape or not np.array_equal(codes.astype(np.int64), ours["codes"]):
+            problems.append(f"{name}: weight codes differ from ours (shape {codes.shape} vs "
+                            f"{ours['codes'].shape})")
+        checked_w += 1
+        if not int_graph:
+            continue
+        want_bias = np.int64 if kind == "int16" else np.int32
+        b_idx = op["inputs"][2] if len(op["inputs"]) > 2 else -1
+        if b_idx < 0:
+            if np.any(ours["bias"] != 0):
+                problems.append(f"{name}: the file has no bias but ours is non-zero")
+            checked_b += 1
+            continue
+        bt = td[b_idx]
+        if bt["dtype"] != want_bias:
+            problems.append(f"{name}: bias is {bt['dtype'].__name__}, expected {want_bias.__name__}")
+        bias = it.get_tensor(b_idx).astype(np.int64)
+        if bias.shape != ours["bias"].shape or not np.array_equal(bias, ours["bias"]):
+            bad = int(np.sum(bias != ours["bias"])) if bias.shape == ours["bias"].shape else -1
+            problems.append(f"{name}: bias integers differ from ours ({bad} of {len(ours['bias'])} channels)")
+        bs = bt["quantization_parameters"]["scales"].astype(np.float64)
+        if len(bs) != len(ours["bias_scale"]) or not np.allclose(bs, ours["bias_scale"], rtol=1e-6, atol=0):
+            problems.append(f"{name}: bias scale is not s_in * s_w")
+        checked_b += 1
+
+    edge_ops = []
+    for op in ops:
+        n = op["op_name"]
+        at_input = any(i in g_in for i in op["inputs"])
+        at_output = any(o in g_out for o in op["outputs"])
+        if n == "TRANSPOSE" and at_input:
+            edge_ops.append(n)
+        elif int_graph and ((n == "QUANTIZE" and at_input) or (n == "DEQUANTIZE" and at_output)) and float_io:
+            edge_ops.append(n)
+        elif n in ("QUANTIZE", "TRANSPOSE") or (n == "DEQUANTIZE" and int_graph):
+            problems.append(f"op {op['index']} {n} inside the graph")
+        elif n == "DEQUANTIZE" and td[op["inputs"][0]]["dtype"] != np.int8:
+            problems.append(f"op {op['index']} DEQUANTIZE of a {td[op['inputs'][0]]['dtype'].__name__} tensor")
+    if int_graph:
+        ours_act = _act_qparams(qm)
+        act_dt = np.int16 if kind == "int16" else np.int8
+        edge = set()
+        for op in ops:
+            if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") and float_io:
+                edge |= {i for i in op["inputs"] + op["outputs"] if td[i]["dtype"] == np.float32}
+        for i, d in td.items():
+            if d["dtype"] == np.float32 and i not in edge:
+                problems.append(f"float tensor {d['name']!r} in an integer graph")
+        act_idx = {o for op in ops for o in op["outputs"]} | g_in
+        for i in act_idx:
+            d = td[i]
+            if d["dtype"] != act_dt:
+                continue
+            s, z = d["quantization_parameters"]["scales"], d["quantization_parameters"]["zero_points"]
+            if len(s) != 1 or (float(np.float32(s[0])), int(z[0])) not in ours_act:
+                problems.append(f"activation {d['name']!r} has qparams {s}, {z} that none of ours has")
+    summary = {"weights_checked": checked_w, "biases_checked": checked_b, "edge_ops": edge_ops,
+               "layers": len(layers)}
+    return problems, summary
+
+
+def _io_codes(x: torch.Tensor, fq) -> torch.Tensor:
+    return quantize(x, fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax)
+
+
+@torch.no_grad()
+def sim_outputs(qm: QMobileNet, images: torch.Tensor, int_out: bool, batch: int = 250) -> torch.Tensor:
+    """The simulation's outputs over float images (N, 3, H, W): int64 codes of the output quantizer, or float.
+
+    Integer graphs: the simulation is evaluated in float64 on exactly the input codes the file gets (dequantized),
+    so that float32 rounding inside our own convolutions (about 1e-7 relative, which flips a code now and then)
+    does not count against the file; the quantization rules, scales and integer biases are the simulation's own.
+    """
+    if int_out:
+        fq = qm.quant_in
+        from quantize.core import dequantize
+        images = dequantize(_io_codes(images, fq), fq.scale, fq.zero_point).double()
+        qm = copy.deepcopy(qm).double()
+    outs = [qm(images[i:i + batch]) for i in range(0, len(images), batch)]
+    y = torch.cat(outs)
+    if int_out:
+        return _io_codes(y, qm.classifier.out_fq).to(torch.int64)
+    return y.float()
+
+
+def run_file(data: bytes, qm: QMobileNet, images: torch.Tensor, *, kernels: str = "xnnpack",
+             int_out: bool = True, nhwc: bool = False) -> torch.Tensor:
+    """The file's outputs, one image at a time (batch 1): int64 codes (integer graphs) or float."""
+    it = interpreter(data, kernels)
+    inp, outp = it.get_input_details()[0], it.get_output_details()[0]
+    in_dtype = inp["dtype"]
+    res = []
+    for i in range(len(images)):
+        x = images[i:i + 1]
+        if in_dtype != np.float32:  # integer input: the input quantizer's codes
+            x = _io_codes(x, qm.quant_in)
+        if nhwc:
+            x = x.permute(0, 2, 3, 1)
+        it.set_tensor(inp["index"], np.ascontiguousarray(x.numpy().astype(in_dtype)))
+        it.invoke()
+        res.append(torch.from_numpy(it.get_tensor(outp["index"]).copy()))
+    y = torch.cat(res)
+    if int_out:
+        if y.dtype.is_floating_point:  # float io on an integer graph: back to codes, exactly
+            return _io_codes(y, qm.classifier.out_fq).to(torch.int64)
+        return y.to(torch.int64)
+    return y.float()
+
+
+def _top1(sim: torch.Tensor, got: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    out = {"agreement": (sim.argmax(1) == got.argmax(1)).double().mean().item()}
+    if labels is not None:
+        out["acc_sim"] = (sim.argmax(1) == labels).double().mean().item()
+        out["acc_file"] = (got.argmax(1) == labels).double().mean().item()
+    return out
+
+
+def compare_codes(sim: torch.Tensor, got: torch.Tensor, labels: torch.Tensor | None = None,
+                  max_lsb: int = MAX_LSB) -> dict:
+    diff = (sim - got).abs()
+    out = {"n": len(sim), "exact_outputs": (diff == 0).double().mean().item(),
+           "exact_images": (diff.amax(1) == 0).double().mean().item(), "max_lsb": int(diff.max()),
+           "mean_lsb": diff.double().mean().item(),
+           "lsb_histogram": {int(k): int(v) for k, v in zip(*torch.unique(diff, return_counts=True))},
+           "images_over_limit": int((diff.amax(1) > max_lsb).sum())}
+    out.update(_top1(sim, got, labels))
+    out["passed"] = out["max_lsb"] <= max_lsb and out["agreement"] >= MIN_AGREEMENT
+    return out
+
+
+def compare_float(sim: torch.Tensor, got: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+    diff = (sim - got).abs()
+    tol = FLOAT_ATOL * max(1.0, float(sim.abs().max()))
+    out = {"n": len(sim), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "atol": tol}
+    out.update(_top1(sim, got, labels))
+    out["passed"] = out["max_abs_diff"] <= tol and out["agreement"] >= MIN_AGREEMENT
+    return out

@@ -1,0 +1,210 @@
+"""`python -m quantize`: quantize a float (or pruned) checkpoint, evaluate it against FP32, save both.
+
+    python -m quantize --checkpoint ../shared/models/cifar10_mobilenetv2_w1.0.pt --config W8A8 --out runs/w8a8
+    python -m quantize --checkpoint CKPT --config W8A8 --granularity per-tensor --cle --bias-correction
+    python -m quantize --checkpoint CKPT --config W4A8 --adaround --adaround-iters 300
+    python -m quantize --checkpoint CKPT --config W8A8 --qat --epochs 2 --qat-lr 1e-4
+    python -m quantize --checkpoint CKPT --matrix --out runs/quant_matrix
+
+Writes out/quantized.pt (see quantize.io), out/metrics.json (FP32 vs quantized on a stratified test subset:
+every (10000 / eval_size)-th image) and out/quantize_config.json; --matrix writes out/matrix.csv (one row per
+configuration, resumable) and out/matrix_snr.png instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from mobilenet.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
+from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, DataError, Split, load_dataset
+from mobilenet.engine import predict
+
+from .config import RECIPES, QuantConfig, recipe
+from .io import require_float_checkpoint, save_quantized
+from .metrics import compare_logits, weight_size_bytes
+from .ptq import OPT_IMAGES, run_ptq
+
+__all__ = ["CliConfig", "build_parser", "main", "eval_subset", "quant_config_from", "evaluate_quantized"]
+
+
+@dataclass
+class CliConfig:
+    checkpoint: str = field(default="", metadata={"help": "float or pruned checkpoint, or a torchvision state_dict"})
+    config: str = field(default="W8A8", metadata={"help": f"recipe: {' | '.join(RECIPES)}"})
+    granularity: str = field(default="per-channel", metadata={"help": "of the weights: per-channel | per-tensor"})
+    calib: str = field(default="real", metadata={"help": "calibration data: real (training images) | random"})
+    calib_size: int = field(default=1000, metadata={"help": "calibration images"})
+    w_bits: int | None = field(default=None, metadata={"help": "override the recipe's weight bits (2..16)"})
+    a_bits: int | None = field(default=None, metadata={"help": "override the recipe's activation bits (2..16)"})
+    act_observer: str = field(default="minmax", metadata={"help": "minmax | ema | percentile | mse"})
+    weight_observer: str = field(default="minmax", metadata={"help": "minmax | mse"})
+    cle: bool = field(default=False, metadata={"help": "cross-layer equalization"})
+    bias_correction: bool = field(default=False, metadata={"help": "empirical bias correction"})
+    adaround: bool = field(default=False, metadata={"help": "learned rounding of the weights"})
+    adaround_iters: int = field(default=1000, metadata={"help": "AdaRound steps per layer"})
+    opt_images: int = field(default=OPT_IMAGES, metadata={"help": "images for AdaRound / bias correction / CLE"})
+    eval_size: int = field(default=2000, metadata={"help": "test images (stratified, evenly spaced); 10000 = all"})
+    out: str = field(default="runs/quantize", metadata={"help": "output directory"})
+    matrix: bool = field(default=False, metadata={"help": "run the whole study matrix (CSV + PNG)"})
+    qat: bool = field(default=False, metadata={"help": "quantization-aware training (quantize.qat)"})
+    epochs: int | None = field(default=None, metadata={"help": "QAT epochs (default: QATConfig's)"})
+    qat_lr: float | None = field(default=None, metadata={"help": "QAT learning rate (default: QATConfig's)"})
+    freeze_bn_epoch: int | None = field(default=None, metadata={"help": "QAT: epoch from which BN stats freeze"})
+    freeze_observer_epoch: int | None = field(default=None, metadata={"help": "QAT: epoch from which ranges freeze"})
+    qat_images: int | None = field(default=None, metadata={"help": "QAT: training images per epoch"})
+    data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
+    data_source: str = field(default="folder", metadata={"help": "folder | cifar-batches | random"})
+    cache_dir: str = field(default=DEFAULT_CACHE, metadata={"help": "where the archive is unpacked and decoded"})
+    seed: int = field(default=0, metadata={"help": "calibration split, random calibration data, AdaRound"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
+QAT_FIELDS = {"epochs": "epochs", "qat_lr": "lr", "freeze_bn_epoch": "freeze_bn_epoch",
+              "freeze_observer_epoch": "freeze_observer_epoch", "qat_images": "max_images_per_epoch"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quantize", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(CliConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        kw = {"dest": f.name, "default": f.default, "help": f"{f.metadata['help']} (default: {f.default})"}
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            typ = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}[str(f.type)]
+            p.add_argument(flag, type=typ, metavar=f.name.upper(), **kw)
+    return p
+
+
+def quant_config_from(cli: CliConfig) -> QuantConfig:
+    """The QuantConfig the options describe (recipe, then overrides). ValueError names a bad value."""
+    over = dict(granularity=cli.granularity, calib=cli.calib, calib_size=cli.calib_size,
+                act_observer=cli.act_observer, weight_observer=cli.weight_observer, cle=cli.cle,
+                bias_correction=cli.bias_correction, adaround=cli.adaround, adaround_iters=cli.adaround_iters,
+                seed=cli.seed)
+    base = recipe(cli.config)
+    if cli.w_bits is not None:
+        over["w_bits"] = cli.w_bits
+    if cli.a_bits is not None:
+        if base.act_mode == "none":
+            raise ValueError(f"--a-bits {cli.a_bits} does not apply to {base.name}, whose activations stay float")
+        over["a_bits"] = cli.a_bits
+    cfg = recipe(cli.config, **over)
+    if cli.w_bits is not None or cli.a_bits is not None:
+        cfg.name = f"W{cfg.w_bits if cfg.w_bits else 32}A{cfg.a_bits if cfg.a_bits else 32}"
+    if cli.adaround_iters < 0:
+        raise ValueError(f"--adaround-iters should be >= 0, not {cli.adaround_iters}")
+    return cfg
+
+
+def eval_subset(test: Split, n: int) -> Split:
+    """n test images evenly spaced over the (class-sorted) split: every 5th of 10,000 for n = 2,000."""
+    if not 1 <= n <= len(test):
+        raise ValueError(f"--eval-size should be in [1, {len(test)}], not {n}")
+    return test.subset(torch.arange(n) * len(test) // n)
+
+
+def evaluate_quantized(qm, ref_logits: torch.Tensor, split: Split, layout: str, device, progress: bool) -> dict:
+    t0 = time.time()
+    logits = predict(qm, split, layout, device=device, desc="eval quantized", disable_bar=not progress)
+    out = compare_logits(ref_logits, logits, split.labels)
+    out.update(weight_bytes=weight_size_bytes(qm), eval_seconds=round(time.time() - t0, 1))
+    return out
+
+
+def quantize_one(model, ds, qcfg: QuantConfig, cli: CliConfig, masks: dict | None = None):
+    """The frozen QMobileNet for one configuration (PTQ, or QAT when cli.qat; QAT keeps pruning masks)."""
+    if not cli.qat:
+        return run_ptq(model, ds, qcfg, device=cli.device, opt_images=cli.opt_images, progress=cli.progress)
+    from .qat import QATConfig, run_qat  # only QAT needs it; PTQ runs without the module
+    qat_cfg = QATConfig(**{QAT_FIELDS[k]: getattr(cli, k) for k in QAT_FIELDS if getattr(cli, k) is not None})
+    if masks is not None:
+        return run_qat(model, ds, qcfg, qat_cfg, cli.device, masks=masks)
+    return run_qat(model, ds, qcfg, qat_cfg, cli.device)
+
+
+def _parse(argv) -> CliConfig:
+    ns = build_parser().parse_args(argv)
+    cli = CliConfig(**vars(ns))
+    if not cli.checkpoint:
+        raise ValueError("--checkpoint is required (a float or pruned checkpoint, or a torchvision state_dict)")
+    if cli.threads < 0:
+        raise ValueError(f"--threads should be >= 0, not {cli.threads}")
+    if cli.opt_images < 1:
+        raise ValueError(f"--opt-images should be >= 1, not {cli.opt_images}")
+    if cli.matrix and cli.qat:
+        raise ValueError("--matrix runs the PTQ study; run --qat separately")
+    return cli
+
+
+def run(cli: CliConfig) -> dict:
+    out = Path(cli.out)
+    qcfg = quant_config_from(cli) if not cli.matrix else None      # bad options fail before the slow loads
+    ckpt = load_checkpoint(cli.checkpoint)
+    require_float_checkpoint(ckpt, cli.checkpoint)
+    model, ckpt = load_model(ckpt)
+    model = model.to(cli.device)
+    ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=model.cfg.layout,
+                                 cache_dir=cli.cache_dir, seed=cli.seed,
+                                 calib_size=max(cli.calib_size, 1000)))
+    split = eval_subset(ds.test, cli.eval_size)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({"cli": asdict(cli), "quant_config": qcfg.to_dict() if qcfg else None},
+                                 indent=2) + "\n", out / "quantize_config.json")
+    if cli.matrix:
+        from .matrix import run_matrix
+        return run_matrix(model, ds, split, cli, out)
+    ref = predict(model, split, model.cfg.layout, device=cli.device, desc="eval fp32", disable_bar=not cli.progress)
+    t0 = time.time()
+    qm = quantize_one(model, ds, qcfg, cli, ckpt.get("masks"))
+    seconds = round(time.time() - t0, 1)
+    metrics = evaluate_quantized(qm, ref, split, model.cfg.layout, cli.device, cli.progress)
+    metrics.update(fp32_weight_bytes=weight_size_bytes(model, 32), quantize_seconds=seconds,
+                   eval_indices=f"every {len(ds.test) // len(split)}th of {len(ds.test)} test images"
+                   if len(ds.test) % len(split) == 0 else f"{len(split)} evenly spaced test images")
+    save_quantized(out / "quantized.pt", qm, {"metrics": metrics, "source_checkpoint": cli.checkpoint,
+                                              "qat": cli.qat, "masks": ckpt.get("masks"), "cli": asdict(cli)})
+    summary = {"cli": asdict(cli), "quant_config": qcfg.to_dict(), "metrics": metrics,
+               "ptq_report": _short_report(getattr(qm, "ptq_report", {}))}
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "metrics.json")
+    print(f"{qcfg.name} {qcfg.granularity}: top-1 {100 * metrics['acc_q']:.2f}% (FP32 {100 * metrics['acc_ref']:.2f}%)"
+          f", agreement {100 * metrics['agreement']:.2f}%, SNR {metrics['snr_db']:.1f} dB, "
+          f"{metrics['weight_bytes'] / 1e6:.2f} MB weights -> {out}")
+    return summary
+
+
+def _short_report(report: dict) -> dict:
+    out = {k: v for k, v in report.items() if k not in ("adaround", "bias_correction")}
+    if "adaround" in report:
+        ada = report["adaround"]
+        out["adaround"] = {"layers": len(ada), "kept_adaround": sum(r["kept"] == "adaround" for r in ada.values()),
+                           "err_nearest": sum(r["err_nearest"] for r in ada.values()),
+                           "err_adaround": sum(min(r["err_adaround"], r["err_nearest"]) for r in ada.values())}
+    if "bias_correction" in report:
+        out["bias_correction_max_shift"] = max(report["bias_correction"].values(), default=0.0)
+    return out
+
+
+def main(argv=None) -> int:
+    try:
+        cli = _parse(argv)
+        if cli.threads:
+            torch.set_num_threads(cli.threads)
+        run(cli)
+    except (ValueError, CheckpointError, DataError) as e:   # user errors: one clear line, non-zero exit
+        print(f"python -m quantize: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Every data source on the real CIFAR-10 JPEGs, the calibration split, batch augmentation and data errors."""
+from __future__ import annotations
+
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import mobilenet.data as data_mod
+from conftest import CIFAR_TGZ
+from mobilenet.data import BatchLoader, DataConfig, DataError, augment_batch, load_dataset, normalize
+
+
+def _unpacked_tree(cache_dir: Path) -> Path:
+    trees = sorted(p for p in cache_dir.glob("cifar10-jpeg-*") if (p / ".complete").exists())
+    assert trees, f"the session fixture should have unpacked {CIFAR_TGZ.name} into {cache_dir}"
+    return data_mod._find_tree(trees[0])
+
+
+def _small_tree(src: Path, dst: Path, classes=("bird", "cat", "ship"), n_train=4, n_test=2) -> Path:
+    """A few real JPEGs copied into the ImageFolder layout."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in classes:
+            (dst / split / c).mkdir(parents=True)
+            for f in sorted((src / split / c).iterdir())[:n]:
+                shutil.copy(f, dst / split / c / f.name)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- folder
+
+def test_folder_from_archive_is_the_full_dataset(cifar):
+    assert cifar.train.images.shape == (50_000, 3, 32, 32) and cifar.train.images.dtype == torch.uint8
+    assert cifar.test.images.shape == (10_000, 3, 32, 32)
+    assert cifar.classes == data_mod.CIFAR10_CLASSES  # alphabetical folder order is the CIFAR-10 label order
+    assert torch.equal(cifar.train.labels.bincount(), torch.full((10,), 5000))
+    assert torch.equal(cifar.test.labels.bincount(), torch.full((10,), 1000))
+    # archive order: sorted by class, then file name
+    assert torch.equal(cifar.test.labels, torch.arange(10).repeat_interleave(1000))
+    # the README's channel means of the original data set, to JPEG precision
+    mean = cifar.train.images[::10].float().mean((0, 2, 3)) / 255
+    torch.testing.assert_close(mean, torch.tensor([0.4914, 0.4822, 0.4465]), rtol=0, atol=3e-3)
+
+
+def test_archive_second_call_does_not_unpack(cifar, cache_dir, monkeypatch):
+    def no_unpack(*a, **k):
+        raise AssertionError("the archive was unpacked a second time")
+    monkeypatch.setattr(tarfile, "open", no_unpack)
+    again = load_dataset(DataConfig(source="folder", root=str(CIFAR_TGZ), cache_dir=str(cache_dir)))
+    assert torch.equal(again.test.images, cifar.test.images)
+    assert torch.equal(again.train.labels, cifar.train.labels)
+
+
+def test_small_archive_unpacks_once_into_cache(cifar, cache_dir, tmp_path, monkeypatch):
+    tree = _small_tree(_unpacked_tree(cache_dir), tmp_path / "src" / "wrapped")
+    archive = tmp_path / "small.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="wrapped")  # one extra folder level, as many archives have
+    calls = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: calls.append(a) or real_open(*a, **k))
+    cfg = DataConfig(source="folder", root=str(archive), cache_dir=str(tmp_path / "cache"), calib_size=4)
+    first = load_dataset(cfg)
+    second = load_dataset(cfg)
+    assert len(calls) == 1
+    assert first.classes == ("bird", "cat", "ship")
+    assert first.train.images.shape == (12, 3, 32, 32) and first.test.images.shape == (6, 3, 32, 32)
+    assert torch.equal(first.train.images, second.train.images)
+    assert not list((tmp_path / "cache").glob(".unpack-*"))  # no half-finished unpack left behind
+
+
+def test_folder_from_directory_decodes_the_same_pixels(cifar, cache_dir, tmp_path):
+    src = _unpacked_tree(cache_dir)
+    tree = _small_tree(src, tmp_path / "imgs")
+    ds = load_dataset(DataConfig(source="folder", root=str(tree), cache_dir=str(tmp_path / "unused"), calib_size=4))
+    assert ds.classes == ("bird", "cat", "ship")
+    assert ds.train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # the first 4 training files of "bird" are CIFAR-10 training images 2*5000 .. 2*5000+3
+    bird = data_mod.CIFAR10_CLASSES.index("bird") * 5000
+    assert torch.equal(ds.train.images[:4], cifar.train.images[bird:bird + 4])
+    assert not (tmp_path / "unused").exists()  # a directory is read in place, nothing unpacked
+
+
+# ---------------------------------------------------------------------------------------------- cifar-batches
+
+def _write_cifar_batches(root: Path, train, test, classes):
+    """torchvision's cifar-10-batches-py: 5 training pickles, a test pickle and batches.meta, data (N, 3072) uint8."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    chunks = torch.arange(len(train)).chunk(5)
+
+    def dump(name, split, idx, label):
+        d = {"batch_label": label, "labels": split.labels[idx].tolist(),
+             "data": split.images[idx].reshape(len(idx), -1).numpy(),  # R plane, G plane, B plane, row-major
+             "filenames": [f"img_{i}.png" for i in idx.tolist()]}
+        with open(base / name, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+    for i, idx in enumerate(chunks):
+        dump(f"data_batch_{i + 1}", train, idx, f"training batch {i + 1} of 5")
+    dump("test_batch", test, torch.arange(len(test)), "testing batch 1 of 1")
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(classes), "num_cases_per_batch": len(chunks[0]), "num_vis": 3072}, f,
+                    protocol=2)
+    return base
+
+
+def test_cifar_batches_from_real_pixels(cifar_small, tmp_path):
+    train = cifar_small.train.subset(torch.arange(50))
+    test = cifar_small.test.subset(torch.arange(20))
+    _write_cifar_batches(tmp_path, train, test, cifar_small.classes)
+    for download in (False, True):  # files present: --download must not try the network
+        ds = load_dataset(DataConfig(source="cifar-batches", root=str(tmp_path), calib_size=10, download=download))
+        assert torch.equal(ds.train.images, train.images) and torch.equal(ds.train.labels, train.labels)
+        assert torch.equal(ds.test.images, test.images) and torch.equal(ds.test.labels, test.labels)
+        assert ds.classes == cifar_small.classes
+    # root may also be the batches directory itself
+    ds = load_dataset(DataConfig(source="cifar-batches", root=str(tmp_path / "cifar-10-batches-py"), calib_size=10))
+    assert torch.equal(ds.test.images, test.images)
+
+
+def test_cifar_batches_errors(cifar_small, tmp_path):
+    with pytest.raises(DataError, match="no cifar-10-batches-py under .*--download"):
+        load_dataset(DataConfig(source="cifar-batches", root=str(tmp_path)))
+    base = _write_cifar_batches(tmp_path, cifar_small.train.subset(torch.arange(10)),
+                                cifar_small.test.subset(torch.arange(5)), cifar_small.classes)
+    (base / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3"):
+        load_dataset(DataConfig(source="cifar-batches", root=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------- random, calibration
+
+def test_random_source():
+    a = load_dataset(DataConfig(source="random", random_size=64, calib_size=16))
+    b = load_dataset(DataConfig(source="random", random_size=64, calib_size=16))
+    c = load_dataset(DataConfig(source="random", random_size=64, calib_size=16, seed=1))
+    assert a.train.images.shape == (64, 3, 32, 32) and a.train.images.dtype == torch.uint8
+    assert a.calib.images.shape == (16, 3, 32, 32)
+    assert torch.equal(a.train.images, b.train.images) and not torch.equal(a.train.images, c.train.images)
+    assert not torch.equal(a.train.images, a.test.images)
+    assert load_dataset(DataConfig(source="random", layout="imagenet", random_size=2)).train.images.shape[-1] == 224
+
+
+def test_calibration_split_from_train_and_fixed(cifar, cache_dir):
+    again = load_dataset(DataConfig(source="folder", root=str(CIFAR_TGZ), cache_dir=str(cache_dir)))
+    assert len(cifar.calib) == 1000
+    assert torch.equal(again.calib.images, cifar.calib.images) and torch.equal(again.calib.labels, cifar.calib.labels)
+
+    def keys(images):  # one exact fingerprint per image
+        return {bytes(im.numpy().tobytes()) for im in images}
+    train, test, calib = keys(cifar.train.images), keys(cifar.test.images), keys(cifar.calib.images)
+    assert calib <= train
+    assert not calib & test
+    # spread over the classes, not the first 1000 files of "airplane"
+    assert (cifar.calib.labels.bincount(minlength=10) > 50).all()
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+def test_augment_is_a_crop_of_the_padded_image_and_a_flip(cifar_small):
+    images = cifar_small.train.images[:64]
+    out = augment_batch(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    offsets, flips = [], []
+    for i in range(len(images)):
+        found = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
+                 if torch.equal(out[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy:dy + 32, dx:dx + 32]))]
+        assert found, f"image {i} is not a pad-4 crop (or its mirror) of its input"
+        offsets.append(found[0][:2])
+        flips.append(found[0][2])
+    moved = sum(not torch.equal(out[i], images[i]) for i in range(len(images)))
+    assert moved >= 60  # P(offset (4, 4) and no flip) = 1/162 per image
+    assert len(set(offsets)) > 20 and 16 <= sum(flips) <= 48  # offsets spread out, about half mirrored
+
+
+def test_augment_deterministic_per_generator(cifar_small):
+    images = cifar_small.train.images[:32]
+    a = augment_batch(images, torch.Generator().manual_seed(3))
+    b = augment_batch(images, torch.Generator().manual_seed(3))
+    c = augment_batch(images, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_batch_loader_reproducible_per_epoch(cifar_small):
+    def batches(epoch, **kw):
+        loader = BatchLoader(cifar_small.train, 64, shuffle=True, augment=True, seed=5, **kw)
+        loader.set_epoch(epoch)
+        return list(loader)
+    a, b, c = batches(0), batches(0), batches(1)
+    assert len(a) == 8 and a[0][0].shape == (64, 3, 32, 32) and a[0][0].dtype == torch.float32
+    assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+    assert not torch.equal(a[0][1], c[0][1])  # another epoch, another order
+    cl = batches(0, channels_last=True)
+    assert cl[0][0].is_contiguous(memory_format=torch.channels_last) and torch.equal(cl[0][0], a[0][0])
+
+
+def test_batch_loader_ranks_split_the_epoch(cifar_small):
+    seen = []
+    for rank in range(2):
+        loader = BatchLoader(cifar_small.train, 32, shuffle=True, seed=1, rank=rank, world_size=2)
+        assert len(loader) == 8
+        seen.append(torch.cat([y for _, y in loader]))
+    plain = BatchLoader(cifar_small.train, 32, shuffle=True, seed=1)
+    # the two ranks together take one epoch's order exactly once
+    assert torch.equal(torch.cat(seen), torch.cat([y for _, y in plain]))
+
+
+def test_normalize():
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    mean, std = data_mod.MEAN_STD["cifar"]
+    expect = (1 - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(normalize(x)[0, :, 0, 0], expect)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=f"data not found: {missing}"):
+        load_dataset(DataConfig(source="folder", root=str(missing)))
+
+
+def test_folder_errors(tmp_path):
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DataError, match="no train/ and test/"):
+        load_dataset(DataConfig(source="folder", root=str(tmp_path / "flat")))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="not a .tar.gz"):
+        load_dataset(DataConfig(source="folder", root=str(tmp_path / "notes.txt")))
+    with pytest.raises(DataError, match="unknown data source 'lmdb'"):
+        load_dataset(DataConfig(source="lmdb"))

@@ -1,0 +1,227 @@
+"""Export of a tiny MobileNetV2 (width 0.25, 32x32) to LiteRT, checked with the real ai_edge_litert interpreter.
+
+Each litert-torch conversion takes ~15-30 s on the shared CPU, so the exported files are made once per module.
+Validation runs VAL images (a few dozen real CIFAR-10 test images): the gate itself (<= 1 LSB, >= 99.9 %
+agreement) is the command's, the count only keeps the suite fast.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CIFAR_TGZ, tiny_config
+
+VAL = "48"
+
+
+def _run(argv):
+    from export.__main__ import main
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, cifar_small):
+    """FP32, W8A8, pruned W8A8 (half of every conv's weights zero), W8A32, W8A16 and W4A8 checkpoints of one
+    tiny model whose BN statistics come from real images (so activations look like a trained net's)."""
+    from mobilenet import atomic_save, build_model
+    from mobilenet.data import BatchLoader
+    from quantize import calibrate, freeze, prepare, recipe
+    from quantize.io import save_quantized
+    d = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    m = build_model(tiny_config()).train()
+    with torch.no_grad():
+        for x, _ in BatchLoader(cifar_small.train, 128):
+            m(x)
+    m.eval()
+    xs = [x for x, _ in BatchLoader(cifar_small.calib, 64)]
+    out = {"dir": d, "model": m, "fp32": d / "fp32.pt"}
+    atomic_save({"format": "mnv2-compress", "kind": "fp32", "model_config": m.cfg.to_dict(),
+                 "model": m.state_dict()}, out["fp32"])
+
+    def quantized(name, model, tag):
+        qm = prepare(model, recipe(name))
+        calibrate(qm, xs)
+        freeze(qm)
+        out[tag] = d / f"{tag}.pt"
+        save_quantized(out[tag], qm, {"source_checkpoint": str(out["fp32"])})
+        out[tag + "_qm"] = qm
+
+    for name in ("W8A8", "W8A32", "W8A16", "W4A8", "W16A32"):
+        quantized(name, m, name)
+    pruned = build_model(tiny_config()).eval()
+    pruned.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for mod in pruned.modules():
+            if isinstance(mod, torch.nn.Conv2d) and mod.groups == 1:
+                w = mod.weight
+                w[w.abs() <= w.abs().flatten().median()] = 0.0
+    out["pruned_model"] = pruned
+    quantized("W8A8", pruned, "pruned")
+    return out
+
+
+@pytest.fixture(scope="module")
+def w8a8(ckpts):
+    from mobilenet.checkpoint import load_checkpoint
+    from export.pipeline import sha256
+    path = ckpts["dir"] / "w8a8.tflite"
+    before = sha256(ckpts["W8A8"])
+    rc = _run(["--checkpoint", str(ckpts["W8A8"]), "--out", str(path), "--val-images", VAL,
+               "--data", str(CIFAR_TGZ)])
+    assert rc == 0
+    assert sha256(ckpts["W8A8"]) == before  # the checkpoint is never modified
+    load_checkpoint(ckpts["W8A8"])
+    return path, json.loads((path.parent / (path.name + ".json")).read_text())
+
+
+def _interp(path, builtin=True):
+    from export.validate import interpreter
+    return interpreter(path.read_bytes(), "builtin" if builtin else "xnnpack")
+
+
+def test_int8_file_is_ours(w8a8, ckpts):
+    path, rep = w8a8
+    qm = ckpts["W8A8_qm"]
+    assert rep["validation"]["passed"] and rep["validation"]["structure_problems"] == []
+    it = _interp(path)
+    ops = [op["op_name"] for op in it._get_ops_details()]
+    n_res = sum(1 for m in qm.features if hasattr(m, "use_res_connect") and m.use_res_connect)
+    assert ops.count("CONV_2D") == 35 and ops.count("DEPTHWISE_CONV_2D") == 17
+    assert ops.count("ADD") == n_res and ops.count("MEAN") == 1 and ops.count("FULLY_CONNECTED") == 1
+    assert not {"QUANTIZE", "DEQUANTIZE"} & set(ops)
+    assert ops.count("TRANSPOSE") == 1 and ops[0] == "TRANSPOSE"  # NCHW input: the layout change at the edge
+    td = it.get_tensor_details()
+    assert not [d["name"] for d in td if d["dtype"] == np.float32]
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    assert inp["dtype"] == np.int8 and list(inp["shape"]) == [1, 3, 32, 32]
+    # exactly our scales at the edges (float32 equality, not closeness)
+    assert np.float32(inp["quantization"][0]) == np.float32(qm.quant_in.scale)
+    assert inp["quantization"][1] == int(qm.quant_in.zero_point)
+    assert np.float32(out["quantization"][0]) == np.float32(qm.classifier.out_fq.scale)
+    # depthwise weights: [1, kh, kw, C] quantized along dimension 3
+    ops_d = it._get_ops_details()
+    dw = next(op for op in ops_d if op["op_name"] == "DEPTHWISE_CONV_2D")
+    wd = next(d for d in td if d["index"] == dw["inputs"][1])
+    assert wd["shape"][0] == 1 and wd["quantization_parameters"]["quantized_dimension"] == 3
+    conv = next(op for op in ops_d if op["op_name"] == "CONV_2D")
+    assert next(d for d in td if d["index"] == conv["inputs"][2])["dtype"] == np.int32
+    x = rep["validation"]["runs"]["xnnpack"]
+    assert x["max_lsb"] <= 1 and x["agreement"] >= 0.999 and x["n"] == int(VAL)
+    assert "builtin" in rep["validation"]["runs"]
+    assert rep["graph"]["batch"] == 1
+    assert rep["file_summary"]["size_bytes"] == path.stat().st_size
+
+
+def test_outputs_match_simulation(w8a8, ckpts, cifar_small):
+    """The file's int8 output against the simulation's output codes, run here independently of the command."""
+    from export.validate import compare_codes, run_file, sim_outputs
+    from mobilenet.data import BatchLoader
+    path, _ = w8a8
+    qm = ckpts["W8A8_qm"]
+    x, y = next(iter(BatchLoader(cifar_small.test.subset(torch.arange(16)), 16)))
+    got = run_file(path.read_bytes(), qm, x, kernels="xnnpack")
+    r = compare_codes(sim_outputs(qm, x, True), got, y)
+    assert r["max_lsb"] <= 1 and r["agreement"] == 1.0
+
+
+def test_corrupted_scale_is_caught(w8a8, ckpts, tmp_path, monkeypatch, capsys):
+    """One weight scale nudged by one float32 ulp in the flatbuffer: validation refuses and keeps no file."""
+    from export import flatbuffer as fb
+    import export.pipeline as pipeline
+    from export.validate import check_structure
+    path, _ = w8a8
+    model = fb.read(path.read_bytes())
+    sg = model.subgraphs[0]
+    op = next(o for o in sg.operators if fb.op_name(model, o) == "CONV_2D")
+    q = sg.tensors[op.inputs[1]].quantization
+    q.scale = np.array(q.scale, dtype=np.float32)
+    q.scale[0] = np.nextafter(q.scale[0], np.float32(1))
+    bad = fb.write(model)
+    problems, _ = check_structure(bad, ckpts["W8A8_qm"], "int8", False)
+    assert any("weight scales differ" in p for p in problems)
+
+    monkeypatch.setattr(pipeline, "convert", lambda qm, kind, **kw: (bad, {"batch": 1}))
+    out = tmp_path / "bad.tflite"
+    rc = _run(["--checkpoint", str(ckpts["W8A8"]), "--out", str(out), "--val-images", "4",
+               "--data", str(CIFAR_TGZ), "--skip-builtin"])
+    assert rc == 1
+    assert "weight scales differ" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp")) and not (tmp_path / "bad.tflite.json").exists()
+
+
+def test_fp32_export_matches_pytorch(ckpts, tmp_path):
+    from export.validate import interpreter
+    from mobilenet.data import BatchLoader
+    path = tmp_path / "fp32.tflite"
+    rc = _run(["--checkpoint", str(ckpts["fp32"]), "--out", str(path), "--val-images", "16",
+               "--data", str(CIFAR_TGZ), "--skip-builtin"])
+    assert rc == 0
+    it = interpreter(path.read_bytes(), "xnnpack")
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    assert inp["dtype"] == np.float32
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = ckpts["model"](x)
+    for i in range(4):
+        it.set_tensor(inp["index"], x[i:i + 1].numpy())
+        it.invoke()
+        # float32 sums in another order over 52 layers: 1e-5 relative to the logit scale
+        assert np.abs(it.get_tensor(out["index"]) - ref[i:i + 1].numpy()).max() <= 1e-5 * max(1.0, ref.abs().max())
+
+
+def test_pruned_zeros_stay_zeros_float_io_nhwc(ckpts, w8a8, tmp_path):
+    path = tmp_path / "pruned.tflite"
+    rc = _run(["--checkpoint", str(ckpts["pruned"]), "--out", str(path), "--val-images", VAL,
+               "--data", str(CIFAR_TGZ), "--float-io", "--nhwc", "--compare-to", str(w8a8[0]), "--skip-builtin"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "pruned.tflite.json").read_text())
+    w = rep["weights"]
+    assert w["zeros_match"] and w["zero_weights_file"] >= w["pruned_zeros_ours"] > 0
+    assert rep["compare_to"]["gzip_ratio"] < 0.85  # half the pointwise weights are zero
+    assert rep["validation"]["structure"]["edge_ops"] == ["QUANTIZE", "DEQUANTIZE"]
+    it = _interp(path)
+    inp = it.get_input_details()[0]
+    assert inp["dtype"] == np.float32 and list(inp["shape"]) == [1, 32, 32, 3]
+    ops = [op["op_name"] for op in it._get_ops_details()]
+    assert ops[0] == "QUANTIZE" and ops[-1] == "DEQUANTIZE" and "TRANSPOSE" not in ops
+
+
+def test_weight_only_w8a32(ckpts, tmp_path):
+    path = tmp_path / "w8a32.tflite"
+    rc = _run(["--checkpoint", str(ckpts["W8A32"]), "--out", str(path), "--val-images", "16",
+               "--data", str(CIFAR_TGZ), "--skip-builtin"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "w8a32.tflite.json").read_text())
+    assert rep["validation"]["structure"]["weights_checked"] == 53   # the classifier's weight included
+    assert rep["file_summary"]["constant_tensor_types"]["int8"] == 53
+
+
+def test_w8a16_static_int16(ckpts, tmp_path):
+    path = tmp_path / "w8a16.tflite"
+    rc = _run(["--checkpoint", str(ckpts["W8A16"]), "--out", str(path), "--val-images", "16",
+               "--calib-images", "64", "--data", str(CIFAR_TGZ), "--skip-builtin"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "w8a16.tflite.json").read_text())
+    assert "STATIC" in rep["activations"] and rep["graph"]["biases_rewritten_int64"] >= 52  # the zero classifier bias may be left out
+    assert rep["file_summary"]["input"]["dtype"] == "int16"
+    assert "agreement_with_dynamic_sim" in rep["validation"]
+
+
+@pytest.mark.parametrize("tag,argv,needle", [
+    ("missing", [], "not found"),
+    ("fp32", ["--config", "W8A8"], "FP32 model"),
+    ("W4A8", [], "4-bit weights are refused"),
+    ("W16A32", [], "no int16 weight path"),
+])
+def test_bad_inputs(ckpts, tmp_path, capsys, tag, argv, needle):
+    ckpt = str(tmp_path / "nope.pt") if tag == "missing" else str(ckpts[tag])
+    out = tmp_path / "x.tflite"
+    rc = _run(["--checkpoint", ckpt, "--out", str(out), "--data", str(CIFAR_TGZ)] + argv)
+    assert rc == 1
+    assert needle in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,154 @@
+"""`python -m quantize` as a user calls it: outputs and their configs, clear errors with no file left behind,
+the QAT hand-off, and a resumable study matrix. Fast: a width-0.25 checkpoint and the synthetic `random` data
+source (512 images per split), tiny calibration and evaluation sets.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+import quantize.matrix as matrix_mod
+from conftest import tiny_config
+from mobilenet import atomic_save, build_model
+from quantize import recipe
+from quantize.__main__ import eval_subset, main, quant_config_from, CliConfig
+from quantize.io import load_quantized
+from quantize.matrix import matrix_rows, read_rows, row_id
+
+FAST = ["--data-source", "random", "--calib-size", "32", "--eval-size", "64", "--opt-images", "16",
+        "--no-progress"]
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    m = build_model(tiny_config())
+    path = tmp_path / "tiny.pt"
+    atomic_save({"format": "mnv2-compress", "kind": "fp32", "model_config": tiny_config().to_dict(),
+                 "model": m.state_dict()}, path)
+    return path
+
+
+def test_single_run_writes_checkpoint_metrics_and_config(ckpt, tmp_path):
+    out = tmp_path / "w8a8"
+    assert main(["--checkpoint", str(ckpt), "--config", "W8A8", "--granularity", "per-tensor", "--out", str(out)]
+                + FAST) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    m = metrics["metrics"]
+    assert {"acc_ref", "acc_q", "agreement", "mse", "snr_db", "weight_bytes", "fp32_weight_bytes"} <= set(m)
+    assert m["n"] == 64 and metrics["quant_config"]["granularity"] == "per-tensor"
+    assert json.loads((out / "quantize_config.json").read_text())["cli"]["config"] == "W8A8"
+    qm, saved = load_quantized(out / "quantized.pt")
+    assert saved["metrics"]["snr_db"] == m["snr_db"] and saved["source_checkpoint"] == str(ckpt)
+    assert qm.qcfg.name == "W8A8" and not qm.qcfg.per_channel
+
+
+def test_bit_overrides_and_methods(ckpt, tmp_path):
+    cli = CliConfig(checkpoint=str(ckpt), config="W8A8", w_bits=6, a_bits=7, cle=True)
+    q = quant_config_from(cli)
+    assert (q.name, q.w_bits, q.a_bits, q.cle) == ("W6A7", 6, 7, True)
+    assert main(["--checkpoint", str(ckpt), "--config", "W4A8", "--adaround", "--adaround-iters", "2",
+                 "--bias-correction", "--out", str(tmp_path / "ada")] + FAST) == 0
+    rep = json.loads((tmp_path / "ada" / "metrics.json").read_text())["ptq_report"]
+    assert rep["adaround"]["layers"] == 53 and rep["adaround"]["err_adaround"] <= rep["adaround"]["err_nearest"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "W3A3"], "'W3A3'"),
+    (["--w-bits", "17"], "17"),
+    (["--w-bits", "1"], "1"),
+    (["--granularity", "per-row"], "'per-row'"),
+    (["--calib", "imagenet"], "'imagenet'"),
+    (["--config", "W8A32", "--a-bits", "8"], "--a-bits 8"),
+    (["--eval-size", "0"], "--eval-size"),
+    (["--adaround-iters", "-1"], "-1"),
+])
+def test_user_errors_exit_2_and_write_nothing(ckpt, tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out)] + FAST + args) == 2
+    err = capsys.readouterr().err
+    assert "python -m quantize: error:" in err and message in err
+    assert not (out / "quantized.pt").exists() and not (out / "metrics.json").exists()
+
+
+def test_checkpoint_errors(ckpt, tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "o")] + FAST) == 2
+    assert "--checkpoint is required" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")] + FAST) == 2
+    assert "not found" in capsys.readouterr().err
+    out = tmp_path / "q"
+    assert main(["--checkpoint", str(ckpt), "--config", "W8A32", "--out", str(out)] + FAST) == 0
+    assert main(["--checkpoint", str(out / "quantized.pt"), "--out", str(tmp_path / "o2")] + FAST) == 2
+    assert "is a quantized checkpoint" in capsys.readouterr().err
+
+
+def test_eval_subset_is_every_kth():
+    from mobilenet.data import Split
+    labels = torch.arange(10000) // 1000            # class-sorted, like the test folder
+    split = Split(torch.zeros(10000, 1, 1, 1, dtype=torch.uint8), labels)
+    sub = eval_subset(split, 2000)
+    assert torch.equal(sub.labels, labels[::5]) and torch.bincount(sub.labels).tolist() == [200] * 10
+    assert len(eval_subset(split, 10000)) == 10000
+
+
+def test_qat_flags_reach_run_qat(ckpt, tmp_path, monkeypatch):
+    """--qat imports quantize.qat lazily and maps the flags onto its QATConfig (a stand-in module here)."""
+    seen = {}
+
+    class QATConfig:
+        def __init__(self, **kw):
+            seen["qat_cfg"] = kw
+
+    def run_qat(model, dataset, qcfg, qat_cfg, device):
+        from quantize.ptq import run_ptq
+        seen["qcfg"] = qcfg.name
+        return run_ptq(model, dataset, qcfg, progress=False)
+
+    monkeypatch.setitem(sys.modules, "quantize.qat", types.SimpleNamespace(QATConfig=QATConfig, run_qat=run_qat))
+    out = tmp_path / "qat"
+    assert main(["--checkpoint", str(ckpt), "--config", "W8A8", "--qat", "--epochs", "2", "--qat-lr", "0.001",
+                 "--freeze-bn-epoch", "1", "--freeze-observer-epoch", "1", "--qat-images", "64", "--out", str(out)]
+                + FAST) == 0
+    assert seen["qat_cfg"] == {"epochs": 2, "lr": 0.001, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1,
+                               "max_images_per_epoch": 64}
+    assert load_quantized(out / "quantized.pt")[1]["qat"] is True
+
+
+def test_matrix_rows_cover_the_study():
+    ids = [row_id(q) for q in matrix_rows()]
+    assert len(ids) == len(set(ids))
+    for name in ("W8A8", "W4A8"):
+        for gran in ("per-channel", "per-tensor"):
+            for calib in ("real", "random"):
+                assert f"{name} {gran} {calib} -" in ids
+    for name in ("W8A32", "W16A32", "W4A32", "W8A16"):        # no calibration: one row per granularity
+        assert [i for i in ids if i.startswith(name + " ") and i.endswith(" -")] == \
+               [f"{name} per-channel n/a -", f"{name} per-tensor n/a -"]
+    assert "FP32 n/a n/a -" in ids and "W8A8 per-tensor real cle+bias-corr" in ids
+    assert "W4A8 per-channel real adaround" in ids
+
+
+def test_matrix_is_resumable(ckpt, tmp_path, monkeypatch):
+    rows = [recipe("FP32"), recipe("W8A32"), recipe("W8A8", calib="random", calib_size=32)]
+    calls = []
+    import quantize.ptq as ptq
+    real = ptq.run_ptq
+
+    def counting(model, ds, q, **kw):
+        calls.append(row_id(q))
+        return real(model, ds, q, **kw)
+
+    monkeypatch.setattr(ptq, "run_ptq", counting)
+    out = tmp_path / "m"
+    monkeypatch.setattr(matrix_mod, "matrix_rows", lambda *a: rows[:2])
+    assert main(["--checkpoint", str(ckpt), "--matrix", "--out", str(out)] + FAST) == 0
+    monkeypatch.setattr(matrix_mod, "matrix_rows", lambda *a: rows)
+    assert main(["--checkpoint", str(ckpt), "--matrix", "--out", str(out)] + FAST) == 0
+    assert calls == ["FP32 n/a n/a -", "W8A32 per-channel n/a -", "W8A8 per-channel random -"]  # no row twice
+    got = read_rows(out / "matrix.csv")
+    assert [r["row"] for r in got] == calls and float(got[0]["snr_db"]) > 100  # FP32: folded vs unfolded only
+    assert (out / "matrix_snr.png").stat().st_size > 0 and (out / "fp32_logits.pt").exists()
