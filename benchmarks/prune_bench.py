@@ -14,6 +14,7 @@ reference model) unless --eval-images says otherwise.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -69,7 +70,7 @@ def _git_commit() -> str:
 
 def _machine() -> str:
     return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads, Python {platform.python_version()}".replace("  ", " ")
+           f"Python {platform.python_version()}".replace("  ", " ")
 
 
 def _prune_cfg(b: BenchConfig, **kw) -> PruneConfig:
@@ -105,6 +106,7 @@ def stage_latency(b, model, ds):
     small, _ = load_model(Path(b.out) / "structured" / "pruned.pt")
     res = {f"b{n}": compare_latency({"dense": model, "small": small}, n, 32, reps) for n, reps in ((1, 60), (64, 12))}
     res["machine"] = _machine()
+    res["loadavg_1min"] = os.getloadavg()[0]   # the machine is shared: say how busy it was
     write_json(res, Path(b.out) / "structured" / "latency.json")
     for k in ("b1", "b64"):
         print(f"latency {k}: dense {res[k]['dense']['median_ms']:.2f} ms, small {res[k]['small']['median_ms']:.2f} ms "
@@ -131,7 +133,6 @@ def stage_report(b: BenchConfig, cmd: str):
         pc = json.loads((out / "unstructured" / "prune_config.json").read_text())["prune_config"]
         lines += ["### Global L1 sweep (no fine-tuning; bf16 eval on 2,000 images, drop vs the bf16 baseline)", "",
                   "| ratio | sparsity reached | top-1 | drop (points) |", "|---|---|---|---|"]
-        import csv
         sweep = list(csv.DictReader(open(out / "unstructured" / "sweep_global.csv")))
         lines += [f"| {float(s['ratio']):.2f} | {_pct(float(s['reached_sparsity']))} | {_pct(float(s['acc']))} | "
                   f"{float(s['drop_points']):+.2f} |" for s in sweep]
@@ -161,6 +162,9 @@ def stage_report(b: BenchConfig, cmd: str):
             for n in ("b1", "b64"):
                 bb[f"latency_{n}"], aa[f"latency_{n}"] = L[n]["dense"], L[n]["small"]
                 lat[f"latency_{n}"] = L[n]["small"]["median_ms"] / L[n]["dense"]["median_ms"]
+            load_note = f"; 1-min load average {L.get('loadavg_1min', float('nan')):.1f} on 2 cores while timing"
+        else:
+            load_note = ""
         lines += ["", f"### {int(100 * b.structured)}% structured (expansion channels)", "",
                   "| | params | MACs/image | torch CPU latency b1 (median) | b64 (median) |", "|---|---|---|---|---|",
                   f"| dense | {bb['params']:,} | {bb['macs']:,} | {bb['latency_b1']['median_ms']:.2f} ms | "
@@ -169,8 +173,9 @@ def stage_report(b: BenchConfig, cmd: str):
                   f"{aa['latency_b64']['median_ms']:.1f} ms |",
                   f"| ratio | {aa['params'] / bb['params']:.3f} | {aa['macs'] / bb['macs']:.3f} | "
                   f"**{lat['latency_b1']:.3f}x** | **{lat['latency_b64']:.3f}x** |", "",
-                  f"- latency: torch fp32 eval, channels_last, dense and pruned timed in alternation, {bb['latency_b1']['threads']} threads, median of "
-                  f"{bb['latency_b1']['repeats']} (b1) / {bb['latency_b64']['repeats']} (b64) runs (goal <= 0.6x)",
+                  f"- latency: torch fp32 eval, channels_last, dense and pruned timed in alternation, {bb['latency_b1']['threads']} thread(s), median of "
+                  f"{bb['latency_b1']['repeats']} (b1) / {bb['latency_b64']['repeats']} (b64) runs (goal <= 0.6x)"
+                  f"{load_note}",
                   f"- accuracy: baseline {_pct(r['acc_baseline'])}, after removal {_pct(r['acc_structured'])}, "
                   f"after BN re-estimation {_pct(r.get('acc_bn_recalibrated', float('nan')))}, "
                   f"fine-tuned {_pct(r['acc_final'])}: drop {r['drop_points']:+.2f} points "
@@ -179,14 +184,19 @@ def stage_report(b: BenchConfig, cmd: str):
                   f"- files: {out}/structured/"]
     lay = out / "layers" / "sweep_layers.csv"
     if lay.is_file():
-        import csv
         rows = [r for r in csv.DictReader(open(lay)) if r["layer"] != "(none)"]
         worst = sorted(rows, key=lambda r: -float(r["drop_points"]))[:5]
         n_img = rows[0]["images"] if rows else "?"
-        lines += ["", f"### Per-layer sweep ({len(rows)} trials, bf16 on {n_img} evenly spaced test images)", "",
+        all_rows = list(csv.DictReader(open(lay)))
+        plot_layer_heatmap(all_rows, lay.with_suffix(".png"))   # redrawn from the CSV, also for a partial sweep
+        lines += ["", f"### Per-layer sweep ({len(rows)} of {53 * 5} trials, bf16 on {n_img} evenly spaced test "
+                      f"images, drop vs the unpruned model on the same images)", "",
                   "Most sensitive trials: " + "; ".join(f"{r['layer']} ({r['kind']}) at {r['ratio']}: "
                                                       f"{float(r['drop_points']):+.1f}" for r in worst),
                   f"Heat map: {lay.with_suffix('.png')}, table: {lay}"]
+    notes = out / "notes.md"   # hand-written remarks kept beside the results, included on every re-run
+    if notes.is_file():
+        lines += ["", "### Notes", "", notes.read_text().strip()]
     results = Path(b.results)
     old = results.read_text() if results.exists() else "# Benchmark results\n"
     if "## Pruning (issue 3)" in old:   # replace our own section only, leave the others

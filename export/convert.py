@@ -30,7 +30,7 @@ from quantize.qmodel import QMobileNet, calibrate, freeze, qlayers
 from quantize.spec import activation_spec
 
 from . import flatbuffer as fb
-from .qdq import QDQMobileNet
+from .qdq import QDQMobileNet, bias_codes
 
 __all__ = ["ExportError", "export_kind", "static_int16", "convert", "KINDS"]
 
@@ -119,7 +119,8 @@ def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = F
     if kind in ("int8", "int16"):
         model = fb.read(data)
         if kind == "int16":
-            notes["biases_rewritten_int64"] = fb.biases_to_int64(model)
+            codes = [bias_codes(layer).numpy() for layer in qlayers(qm).values()]
+            notes["biases_rewritten_int64"] = fb.biases_to_int64(model, codes)
         if float_io:
             fb.add_float_io(model)
         data = fb.write(model)

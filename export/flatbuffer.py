@@ -4,7 +4,8 @@
     add_float_io      the converter folds the edge Q/DQ into int8 graph inputs/outputs; float io puts one
                       QUANTIZE before the first op and one DEQUANTIZE after the last
     biases_to_int64   int16-activation convs need int64 biases; the converter writes int32 ones, which
-                      DEPTHWISE_CONV_2D refuses and CONV_2D runs with wrong results (no error)
+                      DEPTHWISE_CONV_2D refuses and CONV_2D runs with wrong results (no error); we write
+                      our own integers as int64
 
 Everything goes through `ai_edge_litert.tools.flatbuffer_utils` (object API of the schema), no TensorFlow.
 """
@@ -98,20 +99,20 @@ def _op(opcode: int, inputs: list[int], outputs: list[int]) -> schema.OperatorT:
     return op
 
 
-def biases_to_int64(model: schema.ModelT) -> int:
-    """Rewrite the int32 bias of every conv / FC whose input is int16 as int64 (same values). Returns the count."""
+def biases_to_int64(model: schema.ModelT, codes: list[np.ndarray]) -> int:
+    """Write `codes` (one int array per conv / FC op, in graph order) as the int64 bias of every such op whose
+    input is int16. Our own integers, not the converter's: it derives them from the float32 bias, which cannot
+    carry the large int16-activation bias integers (|q| up to ~1e7) exactly. Returns the count rewritten."""
     n = 0
-    for sg in model.subgraphs:
-        for op in sg.operators:
-            if _code(model, op) not in _WEIGHTED or len(op.inputs) < 3 or op.inputs[2] < 0:
-                continue
-            if sg.tensors[op.inputs[0]].type != TensorType.INT16:
+    for sg in model.subgraphs[:1]:
+        weighted = [op for op in sg.operators if _code(model, op) in _WEIGHTED]
+        assert len(weighted) == len(codes), f"{len(weighted)} conv/FC ops, {len(codes)} bias arrays"
+        for op, q in zip(weighted, codes):
+            if sg.tensors[op.inputs[0]].type != TensorType.INT16 or len(op.inputs) < 3 or op.inputs[2] < 0:
                 continue
             bias = sg.tensors[op.inputs[2]]
-            if bias.type != TensorType.INT32:
-                continue
-            values = np.frombuffer(bytes(model.buffers[bias.buffer].data), dtype="<i4").astype("<i8")
-            bias.buffer = _new_buffer(model, values.tobytes())  # a fresh buffer: the old one may be shared
+            assert bias.type == TensorType.INT32 and bias.shape[0] == len(q), "unexpected bias tensor"
+            bias.buffer = _new_buffer(model, np.asarray(q, dtype="<i8").tobytes())  # fresh: buffers may be shared
             bias.type = TensorType.INT64
             n += 1
     return n

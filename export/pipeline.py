@@ -49,7 +49,8 @@ class ExportConfig:
     data: str = DEFAULT_DATA            # CIFAR-10 JPEG archive / folder, or "random" for synthetic images
     compare_to: str | None = None       # another .tflite (e.g. the dense export) whose size / gzip size to report
     skip_builtin: bool = False          # do not also run the builtin kernels (they are reported, not gating)
-    max_lsb: int = 1                    # integer graphs: largest output difference accepted, in output LSBs
+    max_lsb: int = 1                    # int8 graphs: largest output difference accepted, in output LSBs
+    max_lsb_int16: int = 8              # int16 graphs: the same in int16 LSBs (1/32 of one int8 step)
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -85,15 +86,16 @@ def _validate(data: bytes, qm, kind: str, cfg: ExportConfig, x: torch.Tensor, y:
     problems, summary = V.check_structure(data, qm, kind, cfg.float_io)
     sim = V.sim_outputs(qm, x, int_graph)
     runs = {}
+    limit = cfg.max_lsb_int16 if kind == "int16" else cfg.max_lsb
     for kernels in ("xnnpack",) + (() if cfg.skip_builtin else ("builtin",)):
         t0 = time.perf_counter()
         got = V.run_file(data, qm, x, kernels=kernels, int_out=int_graph, nhwc=cfg.nhwc)
-        r = V.compare_codes(sim, got, y, cfg.max_lsb) if int_graph else V.compare_float(sim, got, y)
+        r = V.compare_codes(sim, got, y, limit) if int_graph else V.compare_float(sim, got, y)
         r["seconds"] = round(time.perf_counter() - t0, 2)
         runs[kernels] = r
     passed = not problems and runs["xnnpack"]["passed"]
     return {"passed": passed, "structure_problems": problems, "structure": summary, "runs": runs,
-            "gate": {"kernels": "xnnpack", "max_lsb": cfg.max_lsb, "min_agreement": V.MIN_AGREEMENT,
+            "gate": {"kernels": "xnnpack", "max_lsb": limit, "min_agreement": V.MIN_AGREEMENT,
                      "float_atol_rel": V.FLOAT_ATOL}}
 
 

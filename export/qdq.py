@@ -28,7 +28,7 @@ from torch import nn
 from quantize.fakequant import FakeQuant
 from quantize.qmodel import QLayer, QMobileNet
 
-__all__ = ["QDQMobileNet", "ActQ", "act_dtype"]
+__all__ = ["QDQMobileNet", "ActQ", "act_dtype", "bias_codes"]
 
 qd = torch.ops.quantized_decomposed
 
@@ -62,6 +62,15 @@ class ActQ(nn.Module):
 
     def extra_repr(self):
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}, dtype={self.dtype}"
+
+
+@torch.no_grad()
+def bias_codes(layer: QLayer) -> torch.Tensor:
+    """The integer bias of a layer with static integer activations, exactly as `quantize_bias` computes it:
+    round(b / (s_in * s_w)) in float32, per output channel (int64)."""
+    _, b = layer.folded_weight_bias()
+    s = (layer.w_fq.scale.float() * float(layer.input_fq.scale)).reshape(-1)
+    return torch.clamp(torch.round(b.float() / s), -(1 << 31), (1 << 31) - 1).to(torch.int64)
 
 
 def _act(fq) -> ActQ | None:

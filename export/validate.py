@@ -26,6 +26,8 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from quantize.core import quantize
 from quantize.qmodel import QMobileNet, qlayers
 
+from .qdq import bias_codes
+
 __all__ = ["interpreter", "check_structure", "run_file", "sim_outputs", "compare_codes", "compare_float",
            "MAX_LSB", "MIN_AGREEMENT", "FLOAT_ATOL", "RESOLVERS"]
 
@@ -54,10 +56,8 @@ def _our_layer_arrays(layer, kind: str) -> dict:
         q = quantize(w, fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax, fq.axis).numpy()
         out["scale"] = fq.scale.reshape(-1).float().numpy()
         if kind in ("int8", "int16"):
-            s_in = float(layer.input_fq.scale)
-            s_b = (fq.scale.float() * s_in).reshape(-1)           # quantize_bias's own float32 product
-            out["bias"] = torch.round(layer.quant_bias_value(b).float() / s_b).to(torch.int64).numpy()
-            out["bias_scale"] = s_b.numpy()
+            out["bias"] = bias_codes(layer).numpy()
+            out["bias_scale"] = (fq.scale.float() * float(layer.input_fq.scale)).reshape(-1).numpy()
     if q.ndim == 4:  # (O, I, kh, kw) -> (O, kh, kw, I); depthwise (C, 1, kh, kw) -> (1, kh, kw, C)
         q = q.transpose(1, 2, 3, 0) if layer.is_depthwise else q.transpose(0, 2, 3, 1)
     elif kind == "weight-only":  # the classifier, written as a 1x1 conv: (O, I) -> (O, 1, 1, I)
@@ -162,7 +162,7 @@ def check_structure(data: bytes, qm: QMobileNet, kind: str, float_io: bool) -> t
         edge = set()
         for op in ops:
             if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") and float_io:
-                edge |= {i for i in op["inputs"] + op["outputs"] if td[i]["dtype"] == np.float32}
+                edge |= {i for i in list(op["inputs"]) + list(op["outputs"]) if td[i]["dtype"] == np.float32}
         for i, d in td.items():
             if d["dtype"] == np.float32 and i not in edge:
                 problems.append(f"float tensor {d['name']!r} in an integer graph")
