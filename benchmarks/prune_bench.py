@@ -123,7 +123,8 @@ def stage_report(b: BenchConfig, cmd: str):
     cmds = [f"`{(out / st / 'command.txt').read_text().strip()}`" for st in ("unstructured", "structured", "layers",
                                                                          "latency") if (out / st / "command.txt").is_file()]
     lines = ["", "## Pruning (issue 3)", "",
-             "Commands (background, `nohup ... > runs/prune_bench_<stage>.log`): " + "; ".join(cmds + [f"`{cmd}`"]) + "  ", f"Commit: `{_git_commit()}` (plus uncommitted prune/ work)  ",
+             "Commands (background, `nohup ... > runs/prune_bench_<stage>.log`): " + "; ".join(cmds + [f"`{cmd}`"]) + "  ", f"Commit: `{_git_commit()}` (HEAD when this section was generated; the stages ran earlier, on "
+             f"uncommitted versions of prune/: see Notes)  ",
              f"Machine: {_machine()}  ",
              f"Model: {b.checkpoint} (reference FP32). Accuracy: fp32, eval mode, on {b.eval_images or 10000} "
              f"test images (every 5th of the 10,000; reference 82.55%), one run each, measured in the same run.", ""]
