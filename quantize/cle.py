@@ -6,8 +6,8 @@ r1_i = max |W1[i, ...]| and r2_i = max |W2[:, i, ...]| (depthwise: |W2[i, ...]|)
 
     s_i = sqrt(r1_i * r2_i) / r2_i         makes both ranges sqrt(r1_i * r2_i)
 
-which helps per-tensor weight quantization most. Pairs: stem -> first dw, and in every block expand -> dw and
-dw -> project. A project conv never scales into the next block: a residual ADD or nothing sits between.
+which helps per-tensor weight quantization most. Pairs: stem -> first dw (unless a residual ADD reads the stem),
+and in every block expand -> dw and dw -> project. A project conv never scales into the next block: a residual ADD or nothing sits between.
 
 ReLU6 is not positively homogeneous: clamp(x / c, 0, 6) = clamp(x, 0, 6) / c only when x <= 6 min(1, c). So we
 measure, on calibration images, the largest pre-activation m of every ReLU6 channel of the float model, and
@@ -37,7 +37,10 @@ def cle_pairs(model: MobileNetV2) -> list[tuple[str, str]]:
     named = {m: n for n, m in model.named_modules()}
     pairs = []
     feats = list(model.features)
-    if isinstance(feats[1], InvertedResidual) and len(feats[1].conv) == 2:  # t = 1: stem -> dw
+    first = feats[1]
+    if isinstance(first, InvertedResidual) and len(first.conv) == 2 and not first.use_res_connect:  # stem -> dw
+        # (t = 1; with a residual ADD, as at width 0.25 where 16 * 0.25 rounds up to the stem's 8, the stem's
+        # output also feeds the ADD, so it cannot be rescaled)
         pairs.append((named[feats[0]], named[feats[1].conv[0]]))
     for blk in feats:
         if not isinstance(blk, InvertedResidual):

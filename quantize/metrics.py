@@ -20,7 +20,7 @@ __all__ = ["compare_logits", "snr_db", "weight_size_bytes"]
 
 def snr_db(ref: torch.Tensor, q: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of `q` against `ref` in dB, summed over every element."""
-    ref, q = ref.double(), q.double()
+    ref, q = ref.detach().double(), q.detach().double()
     noise = float(((ref - q) ** 2).sum())
     signal = float((ref ** 2).sum())
     if noise == 0.0:
@@ -36,6 +36,7 @@ def compare_logits(ref_logits: torch.Tensor, q_logits: torch.Tensor, labels: tor
         raise ValueError(f"logits should both be (N, K): got {tuple(ref_logits.shape)} and {tuple(q_logits.shape)}")
     if labels.shape != (ref_logits.shape[0],):
         raise ValueError(f"labels should be ({ref_logits.shape[0]},), got {tuple(labels.shape)}")
+    ref_logits, q_logits = ref_logits.detach(), q_logits.detach()
     ref_top, q_top = ref_logits.argmax(1), q_logits.argmax(1)
     labels = labels.to(ref_top.device)
     return {

@@ -62,7 +62,7 @@ class QATConfig:
     freeze_bn_epoch: int = 3             # from this epoch on, BN uses running statistics (torchvision: 3)
     freeze_observer_epoch: int = 4       # from this epoch on, scales and zero-points are fixed (torchvision: 4)
     batch_size: int = 64                 # images per step
-    max_images_per_epoch: int | None = 10_000   # images per epoch (None: the whole training split)
+    max_images_per_epoch: int | None = 10_000   # images per epoch, at least one batch (None: all)
     calib_batches: int = 4               # batches of the calibration split seen before training starts
     eval_every: int = 5                  # evaluate on every n-th test image (5: the 2,000-image subset; 0: skip)
     act_observer: str | None = "ema"     # activation observer during QAT (None: keep the QuantConfig's)
@@ -83,9 +83,8 @@ class QATConfig:
         if self.batch_size < MIN_BN_BATCH and self.freeze_bn_epoch > 0:
             raise ValueError(f"batch_size={self.batch_size} is too small for batch statistics (QAT diverges); "
                              f"use >= {MIN_BN_BATCH} or freeze_bn_epoch=0")
-        if self.max_images_per_epoch is not None and self.max_images_per_epoch < self.batch_size:
-            raise ValueError(f"max_images_per_epoch={self.max_images_per_epoch} is below one batch "
-                             f"({self.batch_size})")
+        if self.max_images_per_epoch is not None and self.max_images_per_epoch < 1:
+            raise ValueError(f"max_images_per_epoch should be >= 1 instead of {self.max_images_per_epoch}")
 
     def to_dict(self) -> dict:
         return asdict(self)
