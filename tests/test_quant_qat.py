@@ -125,22 +125,25 @@ def test_ste_gradients_reach_weights_and_biases(tiny_model, cifar_small, bn_froz
 # ------------------------------------------------------------------------------------------ training
 
 def test_early_phase_lowers_the_loss(cifar_small):
+    # the classic "does it learn" check: fit two fixed batches of real images. (From a fresh model, a run over
+    # the 512 augmented images at a high rate does not lower the loss in 24 steps even in FP32.)
     torch.manual_seed(0)
     model = _bn_stats(build_model(tiny_config()), _batches(cifar_small.train, 8))
     qm = _start(prepare(model, recipe("W8A8", act_observer="ema"), qat=True), _batches(cifar_small.calib, 2))
-    opt = torch.optim.SGD(qm.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(qm.parameters(), lr=0.02, momentum=0.9)
+    fixed = _batches(cifar_small.train, 2)
     qm.train()
     losses = []
-    for epoch in range(3):                       # 24 steps over 512 images, batch statistics throughout
-        for x, y in _batches(cifar_small.train, 8, augment=True, seed=epoch):
+    for _ in range(10):                          # 20 steps, batch statistics and observers on throughout
+        for x, y in fixed:
             loss = F.cross_entropy(qm(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
-    assert last < first - 0.05, losses  # from ~2.30: a real step down, well above the batch-to-batch noise
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first - 0.2, losses  # from ~2.30; the drop must be well beyond batch-to-batch noise (~0.05)
 
 
 def test_run_qat_holds_masks_and_does_not_diverge(tiny_model, cifar_small):
@@ -188,4 +191,4 @@ def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="batch_size=4"):
         QATConfig(batch_size=4)
     with pytest.raises(ValueError, match="max_images_per_epoch"):
-        QATConfig(max_images_per_epoch=10)
+        QATConfig(max_images_per_epoch=0)
