@@ -7,11 +7,15 @@ Two parts, both on the bytes before they are kept:
    integers (int32; int64 with int16 activations) at s_in * s_w; an integer graph has no float tensor and no
    QUANTIZE, DEQUANTIZE or TRANSPOSE inside (edge ops allowed: the float-io QUANTIZE / DEQUANTIZE and the NCHW
    input TRANSPOSE); every activation tensor carries the scale and zero-point of one of our quantization points.
-2. numerics (`run_file`, `compare_codes`): N images through the file and through the simulation, whose float
-   output is turned into the output quantizer's integer codes; exact-match rate, largest difference in output
-   LSBs and top-1 agreement, with XNNPACK (the default CPU path, which gates) and with the builtin kernels.
+2. numerics (`run_file`, `compare_codes`): N images through the file and through the simulation; exact-match
+   rate, largest difference in output LSBs and top-1 agreement, with XNNPACK (the default CPU path, which gates)
+   and with the builtin kernels. For int8 graphs the reference is the integer simulation (`int_sim_outputs`,
+   export/intsim.py: the runtime's own integer arithmetic, bit-exact with XNNPACK), and the float fake-quant
+   simulation (`sim_outputs`) is reported beside it (it drifts by 1-2 LSB over a deep graph: rounding ties
+   decided differently compound); int16 graphs are compared with the float simulation.
 
-    gate (integer graphs)    any output more than 1 LSB off, or top-1 agreement below 99.9%
+    gate (int8 graphs)       any output more than 1 LSB off the integer simulation, or top-1 agreement below 99.9%
+    gate (int16 graphs)      the same against the float simulation, in int16 LSBs
     gate (float graphs)      max |file - simulation| above FLOAT_ATOL * max(1, max |simulation|), or agreement
                              below 99.9% (float32 sums in another order: ~1e-6 relative, 1e-4 leaves room)
 """
@@ -28,7 +32,8 @@ from quantize.qmodel import QMobileNet, qlayers
 
 from .qdq import bias_codes
 
-__all__ = ["interpreter", "check_structure", "run_file", "sim_outputs", "compare_codes", "compare_float",
+__all__ = ["interpreter", "check_structure", "run_file", "sim_outputs", "int_sim_outputs", "compare_codes",
+           "compare_float",
            "MAX_LSB", "MIN_AGREEMENT", "FLOAT_ATOL", "RESOLVERS"]
 
 MAX_LSB = 1               # output codes
@@ -201,6 +206,12 @@ def sim_outputs(qm: QMobileNet, images: torch.Tensor, int_out: bool, batch: int 
     if int_out:
         return _io_codes(y, qm.classifier.out_fq).to(torch.int64)
     return y.float()
+
+
+def int_sim_outputs(qm: QMobileNet, images: torch.Tensor, kernels: str = "xnnpack") -> torch.Tensor:
+    """The integer simulation's output codes (int64) of an int8 graph: what `kernels` computes, bit for bit."""
+    from .intsim import int_outputs
+    return int_outputs(qm, images, kernels)
 
 
 def run_file(data: bytes, qm: QMobileNet, images: torch.Tensor, *, kernels: str = "xnnpack",

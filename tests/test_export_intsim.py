@@ -1,0 +1,146 @@
+"""The integer simulation (export/intsim.py) against the real ai_edge_litert interpreter, bit for bit.
+
+One tiny W8A8 model (width 0.25, 32x32, BN statistics from real images) is exported twice, with per-channel and
+with per-tensor weights (one litert-torch conversion each, ~30 s on the shared CPU); 256 real CIFAR-10 test
+images go through the file (XNNPACK, the default CPU path) and through `int_outputs`: every output code equal.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+
+
+# ------------------------------------------------------------------------------------ golden vectors
+
+def test_requant_golden_round_half_even():
+    """fp32 requantization of XNNPACK's qs8 kernels: clamp(round_half_even((float) acc * scale), min - zp,
+    max - zp) + zp. scale 0.25 (exact in float32), zp -3, no activation (bounds -128, 127):
+
+        acc      acc * 0.25   rounded (half even)   + zp    note
+        10       2.5          2                     -1      tie -> even (down)
+        14       3.5          4                      1      tie -> even (up)
+        -6      -1.5         -2                     -5      tie -> even (away)
+        -10     -2.5         -2                     -5      tie -> even (toward zero)
+        3        0.75         1                     -2
+        7        1.75         2                     -1
+        1000     250          clamp 130             127     127 - zp = 130
+        -1000   -250          clamp -125           -128     -128 - zp = -125
+    """
+    from export.intsim import requant_fp32
+    acc = torch.tensor([10, 14, -6, -10, 3, 7, 1000, -1000])
+    got = requant_fp32(acc, np.float32(0.25), -3)
+    assert got.tolist() == [-1, 1, -5, -5, -2, -1, 127, -128]
+    # fused ReLU6 bounds [zp, 127] with zp -128: -40 * 0.25 = -10 is cut at 0 (-> -128); 6 * 0.25 = 1.5 -> 2 -> -126
+    assert requant_fp32(torch.tensor([-40, 6]), np.float32(0.25), -128, -128, 127).tolist() == [-128, -126]
+
+
+def test_requant_golden_per_channel_scale():
+    """Per-channel: scale_c = (float) ((float) (s_in * s_w[c]) / s_out) (convolution-nhwc.c), channel dim 1.
+
+        s_in 0.5, s_w (0.25, 0.125), s_out 0.5  ->  scales (0.25, 0.125), all exact in float32
+        channel 0: acc 6 -> 1.5 -> 2;  acc -2 -> -0.5 -> -0 (half even);  + zp 1 -> 3, 1
+        channel 1: acc 12 -> 1.5 -> 2;  acc 20 -> 2.5 -> 2;              + zp 1 -> 3, 3
+    """
+    from export.intsim import conv_scale_xnnpack, requant_fp32
+    s = conv_scale_xnnpack(0.5, [0.25, 0.125], 0.5)
+    assert s.dtype == np.float32 and s.tolist() == [0.25, 0.125]
+    acc = torch.tensor([[[6, -2]], [[12, 20]]]).permute(1, 0, 2)  # (N=1, C=2, 2)
+    assert requant_fp32(acc, s, 1).tolist() == [[[3, 1], [3, 3]]]
+
+
+def test_scale_is_float32_product_then_quotient():
+    """input_scale * kernel_scale / output_scale in float32, left to right (not in double)."""
+    from export.intsim import conv_scale_xnnpack
+    s_in, s_w, s_out = np.float32(0.0173), np.float32(0.00291), np.float32(0.0457)
+    want = np.float32(np.float32(s_in * s_w) / s_out)
+    assert conv_scale_xnnpack(s_in, [s_w], s_out)[0] == want
+
+
+def test_relu6_bounds_and_add_golden():
+    """xnn_qs8_quantize(v, s, zp) = lrintf(clamp(v / s + (float) zp, -128, 127)); ADD: the 21-bit multipliers.
+
+        ReLU6, s_out 0.0235294, zp -128: 6 / s = 255.0001 -> +zp 127.0001 -> 127; 0 -> -128
+        ADD s_a 0.1 zp_a 5, s_b 0.2 zp_b -7, s_out 0.25 zp 2:
+            a/out 0.4, b/out 0.8 -> exponent of 0.8 is -1 -> shift 21
+            a_mul = lrint(0.4 * 2^21) = 838861, b_mul = lrint(0.8 * 2^21) = 1677722
+            bias  = 2^20 - 838861 * 5 - 1677722 * (-7) = 8598325
+            a 10, b 0: (8598325 + 8388610) >> 21 = 8 -> +2 = 10      ((10-5)*0.4 + 7*0.8 = 7.6)
+            a 0,  b 3: (8598325 + 5033166) >> 21 = 6 -> +2 = 8       (-2 + 8 = 6)
+    """
+    from export.intsim import add_params_xnnpack, add_xnnpack, qs8_quantize
+    assert qs8_quantize(6.0, 0.0235294, -128) == 127 and qs8_quantize(0.0, 0.0235294, -128) == -128
+    assert add_params_xnnpack(0.1, 5, 0.2, -7, 0.25) == {"a_mul": 838861, "b_mul": 1677722, "shift": 21,
+                                                        "bias": 8598325}
+    out = add_xnnpack(torch.tensor([10, 0, -128, 127]), 5, 0.1, torch.tensor([0, 3, -128, 127]), -7, 0.2, 0.25, 2)
+    assert out.tolist() == [10, 8, -128, 127]
+
+
+# ------------------------------------------------------------------------------------ against the file
+
+@pytest.fixture(scope="module")
+def exported(cifar_small):
+    """{granularity: (QMobileNet, tflite bytes)} for one tiny W8A8 model, per-channel and per-tensor weights."""
+    from export.convert import convert
+    from mobilenet import build_model
+    from mobilenet.data import BatchLoader
+    from quantize import calibrate, freeze, prepare, recipe
+    torch.manual_seed(0)
+    m = build_model(tiny_config()).train()
+    with torch.no_grad():
+        for x, _ in BatchLoader(cifar_small.train, 128):
+            m(x)
+    m.eval()
+    xs = [x for x, _ in BatchLoader(cifar_small.calib, 64)]
+    out = {}
+    for gran in ("per-channel", "per-tensor"):
+        qm = prepare(m, recipe("W8A8", granularity=gran))
+        calibrate(qm, xs)
+        freeze(qm)
+        data, _ = convert(qm, "int8")
+        out[gran] = (qm, data)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_images(cifar_small):
+    from mobilenet.data import BatchLoader
+    return next(iter(BatchLoader(cifar_small.test, len(cifar_small.test))))
+
+
+@pytest.mark.parametrize("gran", ["per-channel", "per-tensor"])
+def test_int_sim_equals_xnnpack_exactly(exported, test_images, gran):
+    from export.intsim import int_outputs
+    from export.validate import run_file, sim_outputs
+    qm, data = exported[gran]
+    x, _ = test_images
+    got = run_file(data, qm, x, kernels="xnnpack")
+    ours = int_outputs(qm, x, "xnnpack")
+    assert got.shape == ours.shape == (len(x), 10)
+    assert torch.equal(ours, got), f"{int((ours != got).sum())} outputs differ, max {(ours - got).abs().max()}"
+    # the float fake-quant simulation is what drifts (reported beside, never the reference)
+    assert (sim_outputs(qm, x, True) - got).abs().max() <= 2
+
+
+def test_validation_reports_both_references(exported, test_images):
+    """_validate gates on the integer simulation and reports the float simulation beside it."""
+    from export.pipeline import ExportConfig, _validate
+    qm, data = exported["per-channel"]
+    x, y = test_images
+    v = _validate(data, qm, "int8", ExportConfig(), x[:24], y[:24])
+    assert v["passed"] and v["gate"]["reference"] == "integer simulation"
+    xr = v["runs"]["xnnpack"]
+    assert xr["max_lsb"] == 0 and xr["exact_outputs"] == 1.0
+    assert "vs_float_sim" in xr and xr["vs_float_sim"]["n"] == 24
+    assert "builtin" in v["runs"] and "vs_float_sim" in v["runs"]["builtin"]
+
+
+def test_refuses_what_it_does_not_model(exported):
+    from export.intsim import int_outputs
+    from mobilenet import build_model
+    from quantize import prepare, recipe
+    qm = prepare(build_model(tiny_config()).eval(), recipe("W8A16"))
+    with pytest.raises(ValueError):
+        int_outputs(qm, torch.zeros(1, 3, 32, 32))
