@@ -1,6 +1,6 @@
 """Train MobileNetV2 in FP32: SGD with Nesterov momentum, OneCycle or cosine, evaluation and a checkpoint every epoch.
 
-    python train.py                                       # CIFAR-10 from ../shared/data, width 1.0, ~6 min on 2 cores
+    python train.py                                       # CIFAR-10, width 1.0, ~6 min on 2 idle cores (est.)
     python train.py --epochs 30 --max-train-images 0      # every training image in every epoch
     python train.py --root my_images.tar.gz --init mobilenet_v2_imagenet.pt --layout imagenet
     python train.py --resume --out runs/baseline          # continue an interrupted run

@@ -108,7 +108,7 @@ MODE_HELP = {"matrix": "the experiment matrix: every configuration of the study 
 def _add_field(group, f: dataclasses.Field) -> None:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if f.name == "models":
-        group.add_argument("models", nargs="*", metavar="MODEL.tflite", help=f.metadata["help"])
+        group.add_argument("models", nargs="*", default=[], metavar="MODEL.tflite", help=f.metadata["help"])
         return
     if f.name == "device":   # --device is the device-mode flag; in matrix mode it also times on the phone
         return
@@ -116,6 +116,8 @@ def _add_field(group, f: dataclasses.Field) -> None:
         group.add_argument("--results-dir", dest="results_dir", default="", help=f.metadata.get("help"))
         return
     kw = dict(_KINDS[f.type])
+    if f.type == "bool" and default is True:   # on by default: --name / --no-name
+        kw = {"action": argparse.BooleanOptionalAction, "default": True}
     if kw.get("action") != "store_true":
         kw["default"] = default
     group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=f.metadata.get("help"), **kw)

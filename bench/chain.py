@@ -37,6 +37,7 @@ class ChainConfig:
     finetune_epochs: int = field(default=1, metadata={"help": "fine-tuning epochs after pruning"})
     finetune_images: int = field(default=8000, metadata={"help": "fine-tuning images per epoch (0 = all)"})
     sweep_images: int = field(default=100, metadata={"help": "test images per per-layer sweep evaluation"})
+    sweep_per_layer: bool = field(default=True, metadata={"help": "run the per-layer sweep too (53 layers x 5)"})
     qat: bool = field(default=False, metadata={"help": "quantization-aware training instead of PTQ"})
     qat_epochs: int = field(default=1, metadata={"help": "QAT epochs (with --qat)"})
     qat_images: int = field(default=4000, metadata={"help": "QAT images per epoch (with --qat)"})
@@ -91,7 +92,8 @@ def run_chain(cfg: ChainConfig) -> Path:
     _step("sweep + prune + fine-tune", pruned, lambda: prune_cli.main([
         "--checkpoint", str(baseline), "--out", str(out / "prune"), "--data", cfg.data, "--ratio", cfg.prune,
         "--epochs", str(cfg.finetune_epochs), "--images-per-epoch", str(cfg.finetune_images),
-        "--sweep-images", str(cfg.sweep_images), "--eval-images", "2000"]), log)
+        "--sweep-images", str(cfg.sweep_images), "--eval-images", "2000"]
+        + ([] if cfg.sweep_per_layer else ["--no-sweep-per-layer"])), log)
 
     # 5. quantize
     qdir = out / "quantize"

@@ -142,6 +142,16 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
     cfg = replace(cfg, checkpoint=cfg.checkpoint or REFERENCE, out=cfg.out or "runs/matrix")
     if cfg.eval_every < 1:
         raise ValueError(f"--eval-every should be >= 1 instead of {cfg.eval_every}")
+    rows = study_rows(cfg.calib_size, cfg.adaround_iters)
+    if cfg.quick:
+        rows = [r for r in rows if r[0].name == "FP32" or (r[0].name in ("W8A8", "W4A8") and r[1] == "rtn"
+                and r[0].granularity == "per-channel" and r[0].calib == "real")]
+    if cfg.only:
+        names = {n.strip().upper() for n in cfg.only.split(",") if n.strip()}
+        unknown = names - {q.name for q, _ in rows}
+        if unknown:
+            raise ValueError(f"--only names unknown configs {sorted(unknown)}")
+        rows = [r for r in rows if r[0].name in names]
     out = Path(cfg.out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "tflite").mkdir(parents=True, exist_ok=True)
@@ -157,21 +167,14 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
 
     from quantize.metrics import compare_logits, weight_size_bytes
     ref_path = out / "fp32_logits.pt"
-    ref = torch.load(ref_path) if ref_path.exists() else None
-    if ref is None or len(ref) != len(eval_split):
+    cached = torch.load(ref_path) if ref_path.exists() else None
+    tag = (meta["checkpoint_sha256"], len(eval_split), cfg.eval_every)
+    if isinstance(cached, dict) and cached.get("tag") == tag:
+        ref = cached["logits"]
+    else:  # computed once per checkpoint and subset, kept for a resumed run
         ref = predict(model, eval_split, model.cfg.layout, desc="FP32 logits")
-        atomic_save(ref, ref_path)
+        atomic_save({"tag": tag, "logits": ref}, ref_path)
 
-    rows = study_rows(cfg.calib_size, cfg.adaround_iters)
-    if cfg.quick:
-        rows = [r for r in rows if r[0].name == "FP32" or (r[0].name in ("W8A8", "W4A8") and r[1] == "rtn"
-                and r[0].granularity == "per-channel" and r[0].calib == "real")]
-    if cfg.only:
-        names = {n.strip().upper() for n in cfg.only.split(",") if n.strip()}
-        unknown = names - {q.name for q, _ in rows}
-        if unknown:
-            raise ValueError(f"--only names unknown configs {sorted(unknown)}")
-        rows = [r for r in rows if r[0].name in names]
     done = done_keys(csv_path)
     for qcfg, method in tqdm(rows, desc="matrix", unit="config"):
         key = _key(qcfg, method)

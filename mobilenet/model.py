@@ -80,7 +80,7 @@ class ConvBNAct(nn.Sequential):
         super().__init__(
             nn.Conv2d(in_ch, out_ch, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
             nn.BatchNorm2d(out_ch),
-            nn.ReLU6(inplace=False) if act else nn.Identity(),
+            nn.ReLU6(inplace=True) if act else nn.Identity(),
         )
 
     @property

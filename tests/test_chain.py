@@ -1,0 +1,82 @@
+"""The whole chain and the experiment matrix, end to end on real CIFAR-10 images with a tiny model: every step
+runs for real (training, pruning, PTQ, litert-torch conversion, validation with the LiteRT interpreter, host
+timing, report), only the budgets are small."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import bench.__main__ as bench_cli
+from bench.results import read_matrix
+from mobilenet import build_model
+from mobilenet.checkpoint import FORMAT, atomic_save
+from conftest import CIFAR_TGZ, tiny_config
+
+
+@pytest.fixture(scope="module")
+def chain_dir(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("chain")
+    code = bench_cli.main(["--chain", "--out", str(out), "--width", "0.25", "--train-epochs", "1",
+                           "--train-images", "256", "--finetune-images", "128", "--no-sweep-per-layer",
+                           "--val-images", "50", "--host-runs", "5"])
+    assert code == 0
+    return out
+
+
+def test_chain_leaves_checkpoint_validated_file_bench_and_report(chain_dir):
+    for name in ("baseline/checkpoint.pt", "prune/pruned.pt", "quantize/quantized.pt", "model_w8a8.tflite",
+                 "model_fp32.tflite", "bench_host.csv", "report.md", "report.html", "chain.json"):
+        assert (chain_dir / name).exists(), name
+    rep = json.loads((chain_dir / "model_w8a8.tflite.json").read_text())
+    assert rep["validation"]["passed"]
+    # the INT8 file equals our integer simulation output for output (the gate allows 1 LSB; the sim is exact)
+    assert rep["validation"]["runs"]["xnnpack"]["max_lsb"] == 0
+    assert set(rep["file_summary"]["activation_tensor_types"]) <= {"int8", "int32"}
+    with open(chain_dir / "bench_host.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"].rsplit("/", 1)[-1] for r in rows} == {"model_fp32.tflite", "model_w8a8.tflite"}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    html = (chain_dir / "report.html").read_text()
+    assert "W8A8" in html and "FP32" in html
+    pruned = torch.load(chain_dir / "prune" / "pruned.pt", weights_only=False)
+    assert pruned["kind"] == "pruned" and pruned["masks"]
+
+
+def test_chain_resumes_without_redoing_finished_steps(chain_dir):
+    before = {p: p.stat().st_mtime_ns for p in (chain_dir / "model_w8a8.tflite", chain_dir / "prune" / "pruned.pt")}
+    assert bench_cli.main(["--chain", "--out", str(chain_dir), "--width", "0.25", "--train-epochs", "1",
+                           "--train-images", "256", "--finetune-images", "128", "--no-sweep-per-layer",
+                           "--val-images", "50", "--host-runs", "5"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    steps = json.loads((chain_dir / "chain.json").read_text())["steps"]
+    assert all(s.get("skipped") for s in steps if s["step"] != "report")
+
+
+def test_matrix_quick_rows_resume(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    ckpt = tmp_path / "tiny.pt"
+    atomic_save({"format": FORMAT, "kind": "fp32", "model_config": model.cfg.to_dict(),
+                 "model": model.state_dict()}, ckpt)
+    out = tmp_path / "matrix"
+    args = ["--matrix", "--checkpoint", str(ckpt), "--out", str(out), "--data", str(CIFAR_TGZ), "--quick",
+            "--only", "FP32,W8A8", "--eval-every", "50", "--calib-size", "64", "--val-images", "20",
+            "--host-runs", "5"]
+    assert bench_cli.main(args) == 0
+    rows = read_matrix(out / "matrix.csv")
+    assert [(r["config"], r["export_status"]) for r in rows] == [("FP32", "ok"), ("W8A8", "ok")]
+    w8 = rows[1]
+    assert w8["max_lsb"] == 0 and w8["file_agreement"] == 1.0 and w8["eval_images"] == 200
+    assert 0 < w8["file_bytes"] < rows[0]["file_bytes"]
+    mtime = (out / "matrix.csv").stat().st_mtime_ns
+    assert bench_cli.main(args) == 0                      # resumed: nothing left to do, no row rewritten
+    assert (out / "matrix.csv").stat().st_mtime_ns == mtime
+    assert (out / "report.html").exists()
+
+
+def test_matrix_rejects_unknown_config(tmp_path, capsys):
+    assert bench_cli.main(["--matrix", "--only", "W3A3", "--out", str(tmp_path)]) == 2
+    assert "W3A3" in capsys.readouterr().err
