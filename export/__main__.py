@@ -28,6 +28,8 @@ _HELP = {
     "data": "CIFAR-10 JPEG archive or folder, or 'random' for synthetic images",
     "compare_to": "another .tflite (e.g. the dense export) to report size and gzip size against",
     "skip_builtin": "do not also validate with the builtin (non-XNNPACK) kernels",
+    "reported_images": "int8 graphs: the reported-only comparisons (builtin kernels, float simulation) use the "
+                       "first min(val-images, this) images; the gate (XNNPACK vs integer simulation) uses all",
     "max_lsb": "int8 graphs: largest output difference from the simulation accepted, in output LSBs",
     "max_lsb_int16": "int16 graphs: the same in int16 LSBs (rounding at each of ~50 layers adds a few)",
 }

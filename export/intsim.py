@@ -101,7 +101,8 @@ def qs8_quantize(v: float, scale: float, zp: int) -> int:
     return _lrintf(min(max(y, f32(-128.0)), f32(127.0)))
 
 
-def requant_fp32(acc: torch.Tensor, scale, zp: int, qmin: int = QMIN, qmax: int = QMAX) -> torch.Tensor:
+def requant_fp32(acc: torch.Tensor, scale, zp: int, qmin: int = QMIN, qmax: int = QMAX,
+                 codes_dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """The fp32 requantization of XNNPACK's qs8 gemm / igemm / dwconv microkernels.
 
     acc: exact integer accumulators (any dtype holding integers exactly), channel on dimension 1 for a
@@ -113,9 +114,9 @@ def requant_fp32(acc: torch.Tensor, scale, zp: int, qmin: int = QMIN, qmax: int 
     s = torch.as_tensor(np.asarray(scale, dtype=f32))
     if s.dim() == 1 and acc.dim() > 1:
         s = s.reshape([1, -1] + [1] * (acc.dim() - 2))
-    y = acc.to(torch.float64).to(torch.float32) * s
+    y = (acc if acc.dtype == torch.float32 else acc.to(torch.float64).to(torch.float32)) * s
     y = torch.clamp(y, float(qmin - zp), float(qmax - zp))
-    return torch.round(y).to(torch.int64) + zp
+    return torch.round(y).to(codes_dtype) + zp  # codes_dtype float32: the same integers, held exactly
 
 
 def add_params_xnnpack(s_a: float, zp_a: int, s_b: float, zp_b: int, s_out: float) -> dict:
@@ -283,23 +284,78 @@ def weight_codes(layer: QLayer) -> torch.Tensor:
     return quantize(w.detach(), fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax, fq.axis).to(torch.int64)
 
 
-def layer_int(layer: QLayer, x: torch.Tensor, in_qp: tuple[float, int], kernels: str) -> torch.Tensor:
-    """One conv / linear with its fused ReLU6 on int codes x (N, C, H, W) or (N, C) -> int64 codes."""
+_F32_EXACT = 1 << 24  # every integer of magnitude <= 2^24 is a float32
+
+
+def _apply(op: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if isinstance(op, nn.Conv2d):
+        return F.conv2d(x, w, None, op.stride, op.padding, op.dilation, op.groups)
+    return F.linear(x, w)
+
+
+def int_matmul(xc: torch.Tensor, wq: torch.Tensor, op: nn.Module, exact64: bool = False) -> torch.Tensor:
+    """The exact integer accumulators sum (x_q - x_zp) * w_q of a conv or linear `op` (no bias): float32 when
+    every value is below 2^24, float64 otherwise (exact either way). xc and wq hold integers (any dtype).
+
+    Fast and still exact: in float32, a sum of integer products is exact in any order (direct convolution,
+    blocked GEMM, FMA) as long as every partial sum stays below 2^24 in magnitude, which holds when
+    max|x| * max_c sum_k |w[c, k]| < 2^24. Layers whose bound is larger (a wide pointwise conv, the classifier)
+    are split along their input channels into chunks that each meet it; the chunks are summed in float64.
+    Depthwise convs (9 taps) always fit. `exact64=True` computes everything in float64 instead (exact below
+    2^53, several times slower): the reference the fast path is tested against. The fast result is checked to be
+    integral, which catches a non-direct algorithm (e.g. Winograd) that would not be exact.
+    """
+    if exact64:
+        return _apply(op, xc.double(), wq.double())
+    xmax = int(xc.abs().max()) if xc.numel() else 0
+    wq = wq.float()
+    groups = getattr(op, "groups", 1)
+    cin = wq.shape[1]  # input channels per group
+    bound = xmax * int(wq.abs().flatten(1).sum(1).max())
+    if groups > 1 and bound >= _F32_EXACT:  # not met by depthwise convs (9 taps); other grouped convs: exact path
+        return int_matmul(xc, wq, op, exact64=True)
+    chunks = [(0, cin)]
+    if groups == 1 and bound >= _F32_EXACT:
+        # per input channel, its largest |w| sum over its taps for any output channel bounds its contribution
+        per_cin = (wq.abs().flatten(2).sum(2) if wq.dim() > 2 else wq.abs()).double()        # (cout, cin)
+        chunks, start, running = [], 0, torch.zeros(wq.shape[0], dtype=torch.float64)
+        for i in range(cin):
+            nxt = running + per_cin[:, i]
+            if xmax * float(nxt.max()) >= _F32_EXACT and i > start:
+                chunks.append((start, i))
+                start, nxt = i, per_cin[:, i].clone()
+            running = nxt
+        chunks.append((start, cin))
+    xc = xc.float()
+    acc = None
+    for a, b in chunks:
+        xs, ws = (xc, wq) if len(chunks) == 1 else (xc[:, a:b], wq[:, a:b])
+        part = _apply(op, xs, ws)
+        if not torch.equal(part, part.round()):
+            raise RuntimeError("float32 accumulation was not exact (a non-direct convolution algorithm?)")
+        acc = part if acc is None else acc.double() + part.double()
+    return acc
+
+
+def layer_int(layer: QLayer, x: torch.Tensor, in_qp: tuple[float, int], kernels: str,
+              exact64: bool = False) -> torch.Tensor:
+    """One conv / linear with its fused ReLU6 on codes x (N, C, H, W) or (N, C) -> codes: float32 holding
+    integers (xnnpack; exact, and much faster than int64 arithmetic) or int64 (builtin)."""
     s_in, zp_in = in_qp
     s_out, zp_out = _act(layer.out_fq)
-    wq = weight_codes(layer).double()
-    bq = bias_codes(layer).double()
-    xc = (x.to(torch.int64) - zp_in).double()  # zero padding of x - zp = PAD / implicit padding with zp
-    op = layer.op
-    if isinstance(op, nn.Conv2d):
-        acc = F.conv2d(xc, wq, bq, op.stride, op.padding, op.dilation, op.groups)
+    xc = x.float() - zp_in  # exact; zero padding of x - zp = PAD / implicit padding with zp
+    bias = bias_codes(layer).reshape([1, -1] + [1] * (x.dim() - 2))
+    acc = int_matmul(xc, weight_codes(layer), layer.op, exact64)   # float64 or float32 (see int_matmul), exact
+    if acc.dtype == torch.float32 and kernels == "xnnpack" and int(bias.abs().max()) <= _F32_EXACT:
+        # both terms exact in float32, so one float32 addition is (float) of the exact int32 sum, rounded to
+        # nearest even: what requant_fp32 does to the int32 accumulator anyway
+        acc = acc + bias.float()
     else:
-        acc = F.linear(xc, wq, bq)
-    # float64 sums of integers below 2^53 are exact: acc holds the int32 accumulator exactly
+        acc = acc.double() + bias.double()   # exact int32 accumulators
     s_w = layer.w_fq.scale.detach().float().reshape(-1).numpy()
     if kernels == "xnnpack":
         lo, hi = (qs8_quantize(0.0, s_out, zp_out), qs8_quantize(6.0, s_out, zp_out)) if layer.relu6 else (QMIN, QMAX)
-        return requant_fp32(acc, conv_scale_xnnpack(s_in, s_w, s_out), zp_out, lo, hi)
+        return requant_fp32(acc, conv_scale_xnnpack(s_in, s_w, s_out), zp_out, lo, hi, codes_dtype=torch.float32)
     if layer.relu6:
         lo = max(QMIN, _tflite_quantize_act(0.0, s_out, zp_out))
         hi = min(QMAX, _tflite_quantize_act(6.0, s_out, zp_out))
@@ -310,7 +366,7 @@ def layer_int(layer: QLayer, x: torch.Tensor, in_qp: tuple[float, int], kernels:
 
 
 @torch.no_grad()
-def int_forward(qm: QMobileNet, codes: torch.Tensor, kernels: str = "xnnpack") -> torch.Tensor:
+def int_forward(qm: QMobileNet, codes: torch.Tensor, kernels: str = "xnnpack", exact64: bool = False) -> torch.Tensor:
     """Input codes (N, 3, H, W) of the input quantizer -> output codes (N, classes), int64."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels should be one of {KERNELS}, not {kernels!r}")
@@ -319,18 +375,18 @@ def int_forward(qm: QMobileNet, codes: torch.Tensor, kernels: str = "xnnpack") -
     x, qp = codes.to(torch.int64), _act(qm.quant_in)
     for m in qm.features:
         if isinstance(m, QLayer):
-            x, qp = layer_int(m, x, qp, kernels), _act(m.out_fq)
+            x, qp = layer_int(m, x, qp, kernels, exact64), _act(m.out_fq)
             continue
         block_in, block_qp = x, qp
         for layer in m.conv:
-            x, qp = layer_int(layer, x, qp, kernels), _act(layer.out_fq)
+            x, qp = layer_int(layer, x, qp, kernels, exact64), _act(layer.out_fq)
         if m.use_res_connect:
             out_qp = _act(m.add_fq)
             x = add(block_in, block_qp[1], block_qp[0], x, qp[1], qp[0], out_qp[0], out_qp[1])
             qp = out_qp
     pool_qp = _act(qm.pool_fq)
     x = mean(x, qp[1], qp[0], pool_qp[0], pool_qp[1])
-    return layer_int(qm.classifier, x, pool_qp, kernels)
+    return layer_int(qm.classifier, x, pool_qp, kernels, exact64).to(torch.int64)
 
 
 def _check_supported(qm: QMobileNet):
@@ -344,7 +400,8 @@ def _check_supported(qm: QMobileNet):
 
 
 @torch.no_grad()
-def int_outputs(qm: QMobileNet, images: torch.Tensor, kernels: str = "xnnpack", batch: int = 64) -> torch.Tensor:
+def int_outputs(qm: QMobileNet, images: torch.Tensor, kernels: str = "xnnpack", batch: int = 64,
+                exact64: bool = False) -> torch.Tensor:
     """int8 output codes (N, classes), as int64, that the file computes for float images (N, 3, H, W) fed as
     the input quantizer's codes (what `validate.run_file` does with an int8-input file)."""
     _check_supported(qm)
@@ -352,5 +409,5 @@ def int_outputs(qm: QMobileNet, images: torch.Tensor, kernels: str = "xnnpack", 
     outs = []
     for i in range(0, len(images), batch):
         codes = quantize(images[i:i + batch], fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax)
-        outs.append(int_forward(qm, codes, kernels))
+        outs.append(int_forward(qm, codes, kernels, exact64))
     return torch.cat(outs) if outs else torch.zeros(0, qm.classifier.op.out_features, dtype=torch.int64)

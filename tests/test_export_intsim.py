@@ -137,6 +137,38 @@ def test_validation_reports_both_references(exported, test_images):
     assert "builtin" in v["runs"] and "vs_float_sim" in v["runs"]["builtin"]
 
 
+def test_reported_only_checks_use_the_first_images(exported, test_images):
+    """The gate runs every image; builtin kernels and the float simulation only the first `reported_images`."""
+    from export.pipeline import ExportConfig, _validate
+    qm, data = exported["per-channel"]
+    x, y = test_images
+    v = _validate(data, qm, "int8", ExportConfig(reported_images=10), x[:24], y[:24])
+    assert v["passed"]
+    assert v["runs"]["xnnpack"]["n"] == 24 and v["runs"]["xnnpack"]["vs_float_sim"]["n"] == 10
+    assert v["runs"]["builtin"]["n"] == 10
+
+
+@pytest.mark.parametrize("cin", [16, 960])
+def test_int_matmul_fast_path_is_exact(cin):
+    """The float32 accumulation of int_matmul equals int64 arithmetic exactly, including layers whose worst case
+    exceeds 2^24 (cin 960 at |x| 255, |w| 127: 31.1e6 > 16.8e6) and are split into chunks along cin."""
+    from torch import nn
+    from export.intsim import int_matmul
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-255, 256, (2, cin, 5, 5), generator=g)
+    x[0, :, 0, 0] = 255                     # the worst case: every input at its extreme, weights of one sign
+    w = torch.randint(-127, 128, (24, cin, 1, 1), generator=g)
+    w[0] = 127
+    ref = torch.einsum("nchw,oc->nohw", x, w[:, :, 0, 0])                       # int64, exact
+    got = int_matmul(x, w, nn.Conv2d(cin, 24, 1, bias=False))
+    assert torch.equal(got.to(torch.int64), ref) and int(ref.abs().max()) == 255 * 127 * cin
+    lin = int_matmul(x[:, :, 0, 0], w[:, :, 0, 0], nn.Linear(cin, 24, bias=False))
+    assert torch.equal(lin.to(torch.int64), x[:, :, 0, 0] @ w[:, :, 0, 0].T)
+    dw = nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False)
+    wd = torch.randint(-127, 128, (cin, 1, 3, 3), generator=g)
+    assert torch.equal(int_matmul(x, wd, dw), int_matmul(x, wd, dw, exact64=True))
+
+
 def test_refuses_what_it_does_not_model(exported):
     from export.intsim import int_outputs
     from mobilenet import build_model
