@@ -45,6 +45,9 @@ class MatrixConfig:
     calib_size: int = field(default=1000, metadata={"help": "calibration images (real: from the train split)"})
     adaround_iters: int = field(default=300, metadata={"help": "AdaRound optimizer steps per layer"})
     val_images: int = field(default=1000, metadata={"help": "test images run through each file and the simulation"})
+    reported_images: int = field(default=200, metadata={
+        "help": "int8 files: images for the reported-only comparison with the float64 fake-quant simulation "
+                "(~100 ms per image; the gate, file vs integer simulation, uses all --val-images)"})
     host_runs: int = field(default=50, metadata={"help": "timed inferences per file on the host"})
     threads: list[int] = field(default_factory=lambda: [1], metadata={
         "help": "interpreter threads for the host timing (the matrix uses the first)"})
@@ -107,7 +110,8 @@ def _export(cfg: MatrixConfig, qcfg: QuantConfig, ckpt: Path, tfl: Path) -> dict
         return {"export_status": "refused", "export_note": str(e).splitlines()[0]}
     try:
         rep = run_export(ExportConfig(checkpoint=str(ckpt), out=str(tfl), w4_storage=w4, data=cfg.data,
-                                      val_images=cfg.val_images, skip_builtin=True))
+                                      val_images=cfg.val_images, skip_builtin=True,
+                                      reported_images=cfg.reported_images))
     except ExportError as e:
         return {"export_status": "failed", "export_note": str(e).splitlines()[0]}
     v = rep["validation"]["runs"]["xnnpack"]

@@ -19,20 +19,92 @@ from .spec import QSpec
 __all__ = ["FakeQuant", "DynamicFakeQuant", "fused_fake_quantize"]
 
 
+class _FakeQuantSTE(torch.autograd.Function):
+    """dequantize(quantize(x)) with the clipped straight-through estimator, in five vectorized passes forward and
+    one backward. lo / hi are the code bounds less the zero-point (numbers, or tensors per channel)."""
+
+    @staticmethod
+    def forward(ctx, x, inv_scale, scale, lo, hi):
+        r = torch.mul(x, inv_scale).round_()        # round half to even, as nearbyint
+        inside = r >= lo
+        inside &= r <= hi
+        ctx.save_for_backward(inside)
+        return r.clamp_(lo, hi).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+class _ReLU6FakeQuantInplace(torch.autograd.Function):
+    """[ReLU6 clamp, then] per-tensor fake quantization, computed in place in the caller's fresh tensor: no
+    activation-sized float allocation (on this CPU, allocations above glibc's 32 MB mmap threshold cost page
+    faults on every step) and as few passes as the exact arithmetic allows.
+
+    Unfused, ReLU6 + fake quant is  r = round(clamp(x, 0, 6) * inv); out = clamp(r, lo, hi) * s  with the
+    gradient mask (0 < x < 6) & (lo <= r <= hi). Because x -> round(x * inv) is monotone (inv > 0), with
+    R6 = round(6 * inv) and r = round(x * inv) of the unclamped x:
+        out  = clamp(r, max(lo, 0), min(hi, R6)) * s                            (one clamp instead of two)
+        mask = (x > 0 if lo <= 0 else r >= lo) & (r <= hi if hi < R6 else x < 6)
+    since x > 0 implies r >= 0 >= lo, r >= lo > 0 implies x > 0, r <= hi < R6 implies x < 6, and x < 6
+    implies r <= R6 <= hi. Values and gradients are bit-identical to the unfused path (tested)."""
+
+    @staticmethod
+    def forward(ctx, x, inv_scale, scale, lo, hi, relu6):
+        grad = ctx.needs_input_grad[0]
+        if relu6:
+            r6 = float(torch.round(torch.mul(inv_scale, 6.0)))
+            low_x, high_x = grad and lo <= 0, grad and hi >= r6
+            a = (x > 0) if low_x else None      # conditions that need x itself come before x is overwritten
+            b = (x < 6) if high_x else None
+            lo, hi = max(lo, 0.0), min(hi, r6)
+        x.mul_(inv_scale).round_()              # round half to even, as nearbyint
+        if grad:
+            if not relu6:
+                a, b = (x >= lo), (x <= hi)
+            else:
+                a = a if low_x else (x >= lo)
+                b = b if high_x else (x <= hi)
+            ctx.save_for_backward(a.logical_and_(b))
+        ctx.mark_dirty(x)
+        return x.clamp_(lo, hi).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None, None
+
+
+def _qparams_args(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None, dim: int):
+    """(1 / scale, scale, qmin - zp, qmax - zp), shaped to broadcast against a tensor of `dim` dimensions."""
+    if axis is None:
+        s = scale.reshape(())
+        zp = float(zero_point)
+        return 1.0 / s, s, qmin - zp, qmax - zp
+    shape = [1] * dim
+    shape[axis] = -1
+    s = scale.reshape(shape).to(torch.float32)
+    zp = zero_point.reshape(shape).to(torch.float32)
+    return 1.0 / s, s, qmin - zp, qmax - zp
+
+
 def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                         axis: int | None = None) -> torch.Tensor:
-    """`core.fake_quantize` through PyTorch's fused kernels (one pass forward, one backward, instead of ~12).
+    """`core.fake_quantize`, fast: one autograd node of in-place vectorized passes instead of ~12 separate ones.
 
-    Same arithmetic (round(x * (1 / scale)) half to even, then + zero_point, clamp, the clipped STE mask), and
-    bit-identical on float32 (tests/test_quant_qat.py checks it against core, ties included); any other dtype
-    takes the reference path, which is what makes it exact there too.
+    Same arithmetic: r = round(x * (1 / scale)) half to even; out = (clamp(r + zp, qmin, qmax) - zp) * scale,
+    computed as clamp(r, qmin - zp, qmax - zp) * scale (the same integers, exact in float32); gradient 1 where
+    qmin <= r + zp <= qmax, else 0. Bit-identical to core on float32 (tests/test_quant_qat.py checks values
+    and gradients, ties and clipped codes included); any other dtype takes the reference path.
+
+    Why not torch.fake_quantize_per_tensor_affine: on this CPU build its kernel is scalar (~7 ns per element,
+    44 ms for one (64, 96, 32, 32) activation, where these passes take ~17 ms): it made a QAT step 1.7x an
+    FP32 step on its own (benchmarks/qat_step.py --profile).
     """
     if x.dtype != torch.float32 or qmax - qmin >= 1 << 16:
         return fake_quantize(x, scale, zero_point, qmin, qmax, axis)
-    zp = zero_point.to(torch.int32)
-    if axis is None:
-        return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
-    return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, qmin, qmax)
+    return _FakeQuantSTE.apply(x, *_qparams_args(scale, zero_point, qmin, qmax, axis, x.dim()))
 
 
 def _order_free_view(x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +170,31 @@ class FakeQuant(nn.Module):
         if not self.fake_quant:
             return x
         return fused_fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.axis)
+
+    def forward_inplace(self, x: torch.Tensor, relu6: bool = False) -> torch.Tensor:
+        """forward(relu6 ? hardtanh(x, 0, 6) : x), computed in place in `x`, which must be a fresh intermediate
+        that nothing else reads (a conv / BN / ADD output: their backward needs their inputs, not this tensor;
+        autograd raises if that is ever not so). Values and gradients are bit-identical to the unfused path
+        (tests/test_quant_qat.py). The observer sees clamp(aminmax(x), 0, 6) for ReLU6, which is
+        aminmax(hardtanh(x)) exactly (a clamp is monotone); observers that need the whole tensor (percentile,
+        MSE), per-channel activations and other dtypes take the unfused path."""
+        if x.dtype != torch.float32 or self.axis is not None or (
+                self.observe and not self.frozen and type(self.observer) not in (MinMaxObserver, EMAObserver)):
+            return self(torch.nn.functional.hardtanh(x, 0.0, 6.0) if relu6 else x)
+        if self.observe and not self.frozen:
+            lo, hi = torch.aminmax(_order_free_view(x.detach()).reshape(-1))
+            if relu6:
+                lo, hi = lo.clamp(0.0, 6.0), hi.clamp(0.0, 6.0)
+            self.observer.update(lo, hi, x)
+            if self.fake_quant:
+                with torch.no_grad():
+                    self.compute_qparams()
+        if not self.fake_quant:
+            return torch.nn.functional.hardtanh(x, 0.0, 6.0, inplace=True) if relu6 else x
+        inv, s, lo, hi = _qparams_args(self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, None, x.dim())
+        if relu6 and (lo > float(torch.round(torch.mul(inv, 6.0))) or hi < 0):  # a range outside [0, 6]
+            return self(torch.nn.functional.hardtanh(x, 0.0, 6.0))
+        return _ReLU6FakeQuantInplace.apply(x, inv, s, lo, hi, relu6)
 
     def qparams_dict(self) -> dict:
         scale = self.scale.tolist() if self.spec.per_channel else float(self.scale)

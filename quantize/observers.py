@@ -27,14 +27,6 @@ def _reduce(x: torch.Tensor, axis: int | None, fn) -> torch.Tensor:
     return fn(x.permute(axis, *dims).reshape(x.shape[axis], -1), dim=1)
 
 
-def _amin(t, dim=None):
-    return t.amin() if dim is None else t.amin(dim=dim)
-
-
-def _amax(t, dim=None):
-    return t.amax() if dim is None else t.amax(dim=dim)
-
-
 class Observer(nn.Module):
     def __init__(self, axis: int | None = None):
         super().__init__()
@@ -60,7 +52,7 @@ class Observer(nn.Module):
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().float()
-        return _reduce(x, self.axis, _amin), _reduce(x, self.axis, _amax)
+        return tuple(_reduce(x, self.axis, torch.aminmax))  # one pass for both (the same values as amin, amax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.batch_range(x)

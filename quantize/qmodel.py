@@ -90,6 +90,10 @@ class QLayer(nn.Module):
         return F.linear(x, w, b)
 
     def _post(self, y):
+        """ReLU6 (a clamp of the output range) and the output quantization point, in place in y (the fresh
+        conv / BN output) when the point is a static FakeQuant: one fused pass, no extra activation tensor."""
+        if isinstance(self.out_fq, FakeQuant):
+            return self.out_fq.forward_inplace(y, self.relu6)
         if self.relu6:
             # the same min/max either way; hardtanh's backward is one kernel where clamp's is five passes
             y = F.hardtanh(y, 0.0, 6.0) if y.requires_grad else torch.clamp(y, 0.0, 6.0)
@@ -126,6 +130,8 @@ class QInvertedResidual(nn.Module):
         if not self.use_res_connect:
             return self.conv(x)
         y = x + self.conv(x)
+        if isinstance(self.add_fq, FakeQuant):
+            return self.add_fq.forward_inplace(y)  # y is the ADD's fresh output
         return self.add_fq(y) if self.add_fq is not None else y
 
 

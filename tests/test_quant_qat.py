@@ -62,13 +62,13 @@ def _start(qm, batches):
 # ------------------------------------------------------------------------------------------ fused fake quant
 
 @pytest.mark.parametrize("qmin,qmax,axis", [(-128, 127, None), (-127, 127, 0), (-7, 7, 0), (-8, 7, None),
-                                            (-32767, 32767, None)])
+                                            (-128, 127, 0), (-32767, 32767, None)])
 def test_fused_fake_quantize_equals_core_bit_for_bit(qmin, qmax, axis):
     # exact: both round x * (1 / scale) half to even in float32; ties and clipped codes included on purpose
     g = torch.Generator().manual_seed(0)
     c = 24
     scale = torch.rand(c, generator=g) * 0.05 + 1e-3 if axis == 0 else torch.tensor(0.0173)
-    zp = torch.zeros(c, dtype=torch.int64) if axis == 0 else torch.tensor(max(qmin, min(qmax, -3)))
+    zp = torch.randint(-3, 4, (c,), generator=g) if axis == 0 else torch.tensor(max(qmin, min(qmax, -3)))
     s = scale.reshape(-1, 1, 1, 1) if axis == 0 else scale
     k = torch.randint(-2 * qmax, 2 * qmax, (c, 8, 3, 3), generator=g).float()
     x = torch.cat([torch.randn(c, 8, 3, 3, generator=g) * s * qmax / 2, (k + 0.5) * s, k * s], 1)
@@ -79,6 +79,65 @@ def test_fused_fake_quantize_equals_core_bit_for_bit(qmin, qmax, axis):
     (g_ref,) = torch.autograd.grad(ref.sum(), x)
     (g_out,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(g_out, g_ref)  # the clipped straight-through mask
+
+
+@pytest.mark.parametrize("relu6", [True, False])
+@pytest.mark.parametrize("observer", ["minmax", "ema", "percentile"])
+@pytest.mark.parametrize("phase", ["calibrate", "observe+fq", "frozen"])
+def test_inplace_relu6_fake_quant_equals_unfused(relu6, observer, phase):
+    """FakeQuant.forward_inplace (ReLU6 + fake quant in one pass, in the caller's tensor) against the unfused
+    hardtanh -> forward: outputs, gradients and observer ranges all bit-identical. The input has exact ties,
+    values below 0, above 6 and beyond the range, channels_last."""
+    from quantize.fakequant import FakeQuant
+    from quantize.spec import activation_spec
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4, 8, 5, 5, generator=g) * 4 + 1
+    base[0, 0, 0, :4] = torch.tensor([0.0, 6.0, -0.0, 3 * 0.5 / 255 * 6])
+    base = base.contiguous(memory_format=torch.channels_last)
+    fqs = [FakeQuant(activation_spec(8), observer) for _ in range(2)]
+    for fq in fqs:
+        fq.observer(torch.nn.functional.hardtanh(base, 0.0, 6.0) * 0.7 if relu6 else base * 0.7)  # a prior range
+        if phase != "calibrate":
+            fq.fake_quant = True
+            fq.compute_qparams()
+        if phase == "frozen":
+            fq.freeze()
+    outs, grads = [], []
+    for i, fq in enumerate(fqs):
+        x = base.clone().requires_grad_()
+        y = x * 1.0                                   # a fresh intermediate, as a conv output is
+        out = fq.forward_inplace(y, relu6) if i else fq(torch.nn.functional.hardtanh(y, 0.0, 6.0) if relu6 else y)
+        (gx,) = torch.autograd.grad((out * torch.arange(out.numel()).reshape(out.shape)).sum(), x)
+        outs.append(out.detach())
+        grads.append(gx)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert torch.equal(fqs[0].observer.min_val, fqs[1].observer.min_val)
+    assert torch.equal(fqs[0].observer.max_val, fqs[1].observer.max_val)
+    if phase != "calibrate":
+        assert torch.equal(fqs[0].scale, fqs[1].scale) and torch.equal(fqs[0].zero_point, fqs[1].zero_point)
+
+
+@pytest.mark.parametrize("scale,zp", [(8.0 / 255, -160), (6.0 / 255, -128), (2.5 / 255, -140), (4.0 / 255, -250),
+                                      (7.0 / 255, 100), (0.05, -128)])
+def test_inplace_relu6_fake_quant_any_range(scale, zp):
+    """Installed ranges the observer would not produce: covering 6 (hi >= round(6 / s)), starting above 0
+    (lo > 0), the whole code range above 6, and a zero-point at the top: still bit-identical to hardtanh ->
+    fake quant, values and gradients."""
+    from quantize.fakequant import FakeQuant
+    from quantize.spec import activation_spec
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(2, 8, 6, 6, generator=g) * 4 + 2).contiguous(memory_format=torch.channels_last)
+    base[0, 0, 0, :5] = torch.tensor([0.0, 6.0, scale * 0.5, 6.0 - scale * 0.5, scale * 1.5])
+    res = []
+    for inplace in (False, True):
+        fq = FakeQuant(activation_spec(8), "minmax")
+        fq.set_qparams(scale, zp)
+        x = base.clone().requires_grad_()
+        y = x * 1.0
+        out = fq.forward_inplace(y, True) if inplace else fq(torch.nn.functional.hardtanh(y, 0.0, 6.0))
+        (gx,) = torch.autograd.grad((out * torch.arange(out.numel()).reshape(out.shape)).sum(), x)
+        res.append((out.detach(), gx))
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
 
 
 # ------------------------------------------------------------------------------------------ the QAT identity
