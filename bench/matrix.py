@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mobilenet.checkpoint import CheckpointError, atomic_save, load_model
+from mobilenet.checkpoint import CheckpointError, atomic_save, load_model, remove_stale_temporaries
 from mobilenet.data import DEFAULT_DATA, DataConfig, load_dataset
 from mobilenet.engine import predict
 from quantize.config import QuantConfig
 
-from .results import done_keys, row_key, write_matrix_row, write_meta, collect_meta
+from .results import collect_meta, done_keys, read_meta, row_key, write_matrix_row, write_meta
 
 __all__ = ["MatrixConfig", "study_rows", "method_of", "run_matrix", "row_name"]
 
+_RUN_KEYS = ("command", "commit", "commit_dirty", "date")
 _SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 REFERENCE = str(_SHARED / "models" / "cifar10_mobilenetv2_w1.0.pt")
 
@@ -159,6 +160,9 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
     out = Path(cfg.out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "tflite").mkdir(parents=True, exist_ok=True)
+    for d in (out, out / "checkpoints", out / "tflite"):   # left by a run killed with SIGKILL
+        for f in remove_stale_temporaries(d):
+            print(f"removed a stale temporary file: {f}", file=sys.stderr)
     csv_path = out / "matrix.csv"
     model, _ = load_model(cfg.checkpoint)
     dataset = load_dataset(DataConfig(source="folder", root=cfg.data, layout=model.cfg.layout,
@@ -167,6 +171,11 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
     meta = collect_meta(command or "python -m bench --matrix", cfg.checkpoint,
                         eval_subset=f"every {cfg.eval_every}th CIFAR-10 test image ({len(eval_split)} images)",
                         seed=0)
+    # a resumed matrix is the work of several invocations: keep each one's command and commit
+    old = read_meta(out / "meta.json") if (out / "meta.json").is_file() else None
+    history = list((old or {}).get("history") or ([{k: old.get(k) for k in _RUN_KEYS}] if old else []))
+    history.append({k: meta.get(k) for k in _RUN_KEYS} | {"rows_before": len(done_keys(csv_path))})
+    meta["history"] = history
     write_meta(out / "meta.json", meta)
 
     from quantize.metrics import compare_logits, weight_size_bytes

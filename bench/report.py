@@ -8,6 +8,8 @@ import json
 import os
 import tempfile
 
+from mobilenet.checkpoint import temp_prefix
+
 __all__ = ["format_table", "write_csv", "append_csv", "write_json", "write_text"]
 
 
@@ -33,7 +35,7 @@ def write_text(path: str, text: str) -> None:
     # command leaves the previous file (or none) in place.
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path), suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)

@@ -73,6 +73,12 @@ def _provenance(meta: dict | None, matrix: Path) -> list:
              ("data", meta.get("eval_subset") or NA), ("seed", _int(meta.get("seed"))), ("commit", commit),
              ("machine", machine), ("versions", ", ".join(f"{k} {x}" for k, x in v.items() if x) or NA),
              ("date", meta.get("date") or NA)]
+    hist = meta.get("history") or []
+    if len(hist) > 1:   # a resumed run: every invocation that wrote rows, oldest first
+        items.append(("invocations", "; ".join(
+            f"{h.get('date', '?')} · commit {(h.get('commit') or '?')[:7]}"
+            f"{' (dirty)' if h.get('commit_dirty') else ''} · `{h.get('command', '?')}`"
+            + (f" (resumed after {h['rows_before']} rows)" if h.get("rows_before") else "") for h in hist)))
     return [("kv", items)]
 
 

@@ -3,6 +3,9 @@
     unstructured   global sweep (2,000 images) + 70% global L1 + fine-tune within a time budget
     structured     50% of expansion channels removed + latency before/after + fine-tune within a budget
     layers         per-layer sensitivity sweep on a small subset (53 layers x 5 ratios)
+    latency        re-time dense vs structured in torch, in alternation
+    litert         dense vs structured as shipped: FP32 and W8A8 .tflite files (exported and validated),
+                   timed by the LiteRT interpreter (bench.host, 1 thread, XNNPACK) in alternating rounds
     report         append the "## Pruning (issue 3)" section to benchmarks/RESULTS.md from the stages' JSON
 
     nohup .venv/bin/python benchmarks/prune_bench.py --stages unstructured,structured,layers,report \
@@ -38,7 +41,7 @@ from prune.structured import compare_latency  # noqa: E402
 from prune.sweep import eval_subset, per_layer_sweep  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "models" / "cifar10_mobilenetv2_w1.0.pt"
-STAGES = ("unstructured", "structured", "layers", "latency", "report")
+STAGES = ("unstructured", "structured", "layers", "latency", "litert", "report")
 
 
 @dataclass
@@ -114,6 +117,49 @@ def stage_latency(b, model, ds):
     return res
 
 
+def stage_litert(b, model, ds):
+    """The structured model as a user ships it: FP32 and W8A8 LiteRT files of the dense and the pruned model,
+    each validated on export, timed by the LiteRT interpreter (batch 1, 1 thread, XNNPACK) in `rounds`
+    alternating rounds; the ratio is the median over rounds of small / dense."""
+    import statistics
+    from bench.host import HostConfig, run_host
+    from export import ExportConfig, run_export
+    from quantize import recipe
+    from quantize.io import save_quantized
+    from quantize.ptq import run_ptq
+    d = Path(b.out) / "litert"
+    d.mkdir(parents=True, exist_ok=True)
+    small_ckpt = Path(b.out) / "structured" / "pruned.pt"
+    small, _ = load_model(small_ckpt)
+    files, exports = {}, {}
+    for name, m, ckpt in (("dense", model, b.checkpoint), ("small", small, str(small_ckpt))):
+        for kind in ("fp32", "w8a8"):
+            out = d / f"{name}_{kind}.tflite"
+            if not out.is_file():
+                src = ckpt
+                if kind == "w8a8":
+                    src = str(d / f"{name}_w8a8.pt")
+                    save_quantized(src, run_ptq(m, ds, recipe("W8A8"), progress=False))
+                exports[f"{name}_{kind}"] = run_export(ExportConfig(checkpoint=src, out=str(out), val_images=500,
+                                                                    skip_builtin=True, reported_images=50))["validation"]["passed"]
+            files[f"{name}_{kind}"] = str(out)
+    rounds, per_round = 5, []
+    for _ in range(rounds):
+        rows = run_host(HostConfig(models=list(files.values()), threads=[1], runs=200, warmup=20))
+        per_round.append({k: r["median_ms"] for k, r in zip(files, rows)})
+    res = {"files": files, "sizes": {k: os.path.getsize(v) for k, v in files.items()}, "rounds": per_round,
+           "median_ms": {k: statistics.median(r[k] for r in per_round) for k in files},
+           "ratio_fp32": statistics.median(r["small_fp32"] / r["dense_fp32"] for r in per_round),
+           "ratio_w8a8": statistics.median(r["small_w8a8"] / r["dense_w8a8"] for r in per_round),
+           "machine": _machine(), "loadavg_1min": os.getloadavg()[0], "commit": _git_commit(),
+           "setup": "LiteRT interpreter (ai_edge_litert), batch 1, 1 thread, XNNPACK, 200 timed runs after 20 "
+                    f"warm-up per file per round, {rounds} alternating rounds"}
+    write_json(res, d / "litert_latency.json")
+    print(f"LiteRT b1 latency small/dense: FP32 {res['ratio_fp32']:.3f}x, W8A8 {res['ratio_w8a8']:.3f}x "
+          f"({res['median_ms']})")
+    return res
+
+
 def _pct(x):
     return f"{100 * x:.2f}%"
 
@@ -121,7 +167,7 @@ def _pct(x):
 def stage_report(b: BenchConfig, cmd: str):
     out = Path(b.out)
     cmds = [f"`{(out / st / 'command.txt').read_text().strip()}`" for st in ("unstructured", "structured", "layers",
-                                                                         "latency") if (out / st / "command.txt").is_file()]
+                                                                         "latency", "litert") if (out / st / "command.txt").is_file()]
     lines = ["", "## Pruning (issue 3)", "",
              "Commands (background, `nohup ... > runs/prune_bench_<stage>.log`): " + "; ".join(cmds + [f"`{cmd}`"]) + "  ", f"Commit: `{_git_commit()}` (HEAD when this section was generated; the stages ran earlier, on "
              f"uncommitted versions of prune/: see Notes)  ",
@@ -183,6 +229,21 @@ def stage_report(b: BenchConfig, cmd: str):
                   f"({r.get('finetune', {}).get('steps')} steps of {pc['batch_size']}, SGD lr {pc['lr']}, budget "
                   f"{pc['budget_minutes']} min)",
                   f"- files: {out}/structured/"]
+        lt = out / "litert" / "litert_latency.json"
+        if lt.is_file():
+            L = json.loads(lt.read_text())
+            med, sz = L["median_ms"], L["sizes"]
+            lines += ["", "As shipped (LiteRT files; " + L["setup"] + f"; 1-min load average "
+                      f"{L['loadavg_1min']:.1f}; commit {L['commit']}):", "",
+                      "| file | dense | pruned | pruned / dense |", "|---|---|---|---|",
+                      f"| FP32 latency b1 (median) | {med['dense_fp32']:.3f} ms | {med['small_fp32']:.3f} ms | "
+                      f"**{L['ratio_fp32']:.3f}x** |",
+                      f"| W8A8 latency b1 (median) | {med['dense_w8a8']:.3f} ms | {med['small_w8a8']:.3f} ms | "
+                      f"**{L['ratio_w8a8']:.3f}x** |",
+                      f"| FP32 file size | {sz['dense_fp32']:,} B | {sz['small_fp32']:,} B | "
+                      f"{sz['small_fp32'] / sz['dense_fp32']:.3f}x |",
+                      f"| W8A8 file size | {sz['dense_w8a8']:,} B | {sz['small_w8a8']:,} B | "
+                      f"{sz['small_w8a8'] / sz['dense_w8a8']:.3f}x |"]
     lay = out / "layers" / "sweep_layers.csv"
     if lay.is_file():
         rows = [r for r in csv.DictReader(open(lay)) if r["layer"] != "(none)"]
@@ -233,7 +294,7 @@ def main(argv=None) -> int:
             ds = load_dataset(DataConfig())
         model, _ = load_model(b.checkpoint)
         {"unstructured": stage_unstructured, "structured": stage_structured, "layers": stage_layers,
-         "latency": stage_latency}[st](b, model, ds)
+         "latency": stage_latency, "litert": stage_litert}[st](b, model, ds)
         print(f"== stage {st} done in {time.monotonic() - t:.0f} s ==", flush=True)
     return 0
 

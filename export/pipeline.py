@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mobilenet.checkpoint import FORMAT, atomic_write_text, load_checkpoint, load_model
+from mobilenet.checkpoint import FORMAT, atomic_write_text, load_checkpoint, load_model, temp_prefix
 from mobilenet.data import BatchLoader, DataConfig, DEFAULT_DATA, load_dataset
 from quantize.config import RECIPES
 from quantize.io import load_quantized
@@ -148,7 +148,7 @@ def run_export(cfg: ExportConfig) -> dict:
     data, notes = convert(qm, kind, float_io=cfg.float_io, nhwc=cfg.nhwc)             # 4
     convert_s = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

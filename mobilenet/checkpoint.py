@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -20,6 +23,7 @@ from torch import nn
 from .model import ConvBNAct, InvertedResidual, MobileNetV2, ModelConfig, build_model
 
 __all__ = ["CheckpointError", "atomic_save", "atomic_write_bytes", "atomic_write_text", "load_checkpoint",
+           "temp_prefix", "remove_stale_temporaries", "exit_cleanly_on_sigterm",
            "load_model", "from_torchvision_state_dict", "to_torchvision_state_dict", "FORMAT"]
 
 FORMAT = "mnv2-compress"
@@ -29,10 +33,51 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model asked for."""
 
 
+def temp_prefix(path: str | os.PathLike) -> str:
+    """Prefix of the temporary file an atomic write of `path` uses: `.NAME.PID.` (+ random + `.tmp`), so that
+    one left behind by a killed process can be told from one a live process is still writing."""
+    return f".{Path(path).name}.{os.getpid()}."
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files in `directory` whose writer is dead (SIGKILL, power loss: nothing can clean
+    up after those); files of live processes are left alone. Returns what was removed."""
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for f in d.iterdir():
+        m = _TEMP.match(f.name)
+        if not m or not f.is_file():
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue            # alive (or not ours to signal): keep
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        f.unlink(missing_ok=True)
+        removed.append(f)
+    return removed
+
+
+def exit_cleanly_on_sigterm():
+    """Make SIGTERM (`kill`, a CI or batch-system timeout) raise SystemExit(143), as Ctrl-C raises
+    KeyboardInterrupt, so that the `except BaseException` clean-up of every atomic write runs and no temporary
+    file is left behind. Called by each command-line entry point."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _atomic(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -75,6 +75,9 @@ def test_matrix_quick_rows_resume(tmp_path):
     assert bench_cli.main(args) == 0                      # resumed: nothing left to do, no row rewritten
     assert (out / "matrix.csv").stat().st_mtime_ns == mtime
     assert (out / "report.html").exists()
+    hist = json.loads((out / "meta.json").read_text())["history"]   # both invocations named in the report
+    assert [h["rows_before"] for h in hist] == [0, 2]
+    assert "resumed after 2 rows" in (out / "report.md").read_text()
 
 
 def test_matrix_rejects_unknown_config(tmp_path, capsys):
