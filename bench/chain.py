@@ -62,6 +62,8 @@ def _step(name: str, done: Path, fn, log: list):
 
 
 def run_chain(cfg: ChainConfig) -> Path:
+    from .matrix import load_all_modules
+    load_all_modules()
     import export.__main__ as export_cli
     import prune.__main__ as prune_cli
     import quantize.__main__ as quantize_cli

@@ -143,7 +143,19 @@ def _device(cfg: MatrixConfig, tfl: str, out: Path) -> dict:
     return {"device_ms": ok[0].get("inference_avg_ms"), "device": ok[0].get("device")}
 
 
+def load_all_modules():
+    """Import every module of the project now. A run of an hour must not reach a lazy import after the
+    working tree has changed and load code that does not fit what it already holds."""
+    import importlib
+    import pkgutil
+    for pkg in ("mobilenet", "prune", "quantize", "export", "bench"):
+        for m in pkgutil.iter_modules(importlib.import_module(pkg).__path__):
+            if m.name != "__main__":
+                importlib.import_module(f"{pkg}.{m.name}")
+
+
 def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
+    load_all_modules()
     cfg = replace(cfg, checkpoint=cfg.checkpoint or REFERENCE, out=cfg.out or "runs/matrix")
     if cfg.eval_every < 1:
         raise ValueError(f"--eval-every should be >= 1 instead of {cfg.eval_every}")
