@@ -52,15 +52,32 @@ def imagenet_models(seed: int = 0):
         for _ in range(4):                       # BN running statistics from 4 batches of 8 random images
             m(torch.randn(8, 3, 224, 224))
     m.eval()
-    qm = prepare(m, recipe("W8A8", calib="random"))
-    calibrate(qm, [torch.randn(8, 3, 224, 224) for _ in range(2)])
-    return prepare(m, recipe("FP32")), freeze(qm)
+    calib = [torch.randn(8, 3, 224, 224) for _ in range(2)]
+    qms = []
+    for gran in ("per-channel", "per-tensor"):
+        qm = prepare(m, recipe("W8A8", calib="random", granularity=gran))
+        calibrate(qm, calib)
+        qms.append(freeze(qm))
+    return prepare(m, recipe("FP32")), qms[0], qms[1]
+
+
+def size_breakdown(qm) -> dict:
+    """Bytes an INT8 file must hold, by kind: int8 weight codes, int32 biases, and the per-channel quantization
+    metadata of the weight and bias tensors (a float32 scale and an int64 zero-point per channel each: the
+    flatbuffer schema's types)."""
+    from quantize.qmodel import qlayers
+    layers = list(qlayers(qm).values())
+    weights = sum(layer.op.weight.numel() for layer in layers)
+    channels = sum(layer.op.weight.shape[0] for layer in layers)
+    per_ch = layers[0].w_fq.spec.per_channel
+    return {"weight_codes": weights, "bias_int32": 4 * channels,
+            "weight_and_bias_qparams": 2 * (4 + 8) * (channels if per_ch else len(layers)), "channels": channels}
 
 
 def part1(out_dir: Path, rounds: int, runs: int) -> dict:
-    fp32_qm, int8_qm = imagenet_models()
+    fp32_qm, int8_qm, int8_pt_qm = imagenet_models()
     files = {}
-    for name, qm, kind in (("fp32", fp32_qm, "fp32"), ("int8", int8_qm, "int8")):
+    for name, qm, kind in (("fp32", fp32_qm, "fp32"), ("int8", int8_qm, "int8"), ("int8_pt", int8_pt_qm, "int8")):
         data, _ = convert(qm, kind, nhwc=True)
         files[name] = out_dir / f"mnv2_224_{name}.tflite"
         files[name].write_bytes(data)
@@ -70,13 +87,13 @@ def part1(out_dir: Path, rounds: int, runs: int) -> dict:
                              V.run_file(files["int8"].read_bytes(), int8_qm, x, nhwc=True))
     summaries = {k: file_summary(p.read_bytes()) for k, p in files.items()}
     summaries["peer"] = file_summary(PEER.read_bytes())
-    models = [str(files["int8"]), str(files["fp32"]), str(PEER)]
+    models = [str(files["int8"]), str(files["fp32"]), str(PEER), str(files["int8_pt"])]
     per_round = []
     for _ in range(rounds):
         rows = run_host(HostConfig(models=models, threads=[1], xnnpack=[True], runs=runs, warmup=10))
         per_round.append({Path(r["model"]).name: r["median_ms"] for r in rows})
     med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
-    i8, f32, peer = (Path(m).name for m in models)
+    i8, f32, peer, i8pt = (Path(m).name for m in models)
     ratio = lambda a, b: statistics.median(r[a] / r[b] for r in per_round)  # noqa: E731
     ops = summaries["int8"]["ops"]
     return {
@@ -85,6 +102,9 @@ def part1(out_dir: Path, rounds: int, runs: int) -> dict:
         "int8_over_fp32_latency": ratio(i8, f32), "int8_over_peer_latency": ratio(i8, peer),
         "size_bytes": {k: s["size_bytes"] for k, s in summaries.items()},
         "int8_over_fp32_size": summaries["int8"]["size_bytes"] / summaries["fp32"]["size_bytes"],
+        "int8_per_tensor_over_fp32_size": summaries["int8_pt"]["size_bytes"] / summaries["fp32"]["size_bytes"],
+        "int8_per_tensor_over_fp32_latency": ratio(i8pt, f32),
+        "size_breakdown": {"per-channel": size_breakdown(int8_qm), "per-tensor": size_breakdown(int8_pt_qm)},
         "ops": {k: s["ops"] for k, s in summaries.items()},
         "ops_canonical": all(ops.get(k) == v for k, v in CANONICAL.items())
         and ops.get("PAD", 0) <= STRIDE2 and not {"QUANTIZE", "DEQUANTIZE", "TRANSPOSE"} & set(ops),
@@ -123,6 +143,7 @@ def main(argv=None):
            "machine": host_description(), "torch": torch.__version__}
     if not args.skip_latency:
         res["imagenet_224"] = part1(out_dir, args.rounds, args.runs)
+        res["loadavg_1min_after_timing"] = os.getloadavg()[0]
     if args.cifar:
         res["cifar10_w8a8"] = part2(args.cifar, args.cifar_images, out_dir)
     (out_dir / "export_bench.json").write_text(json.dumps(res, indent=2, default=str) + "\n")

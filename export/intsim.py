@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from quantize.core import quantize
 from quantize.qmodel import QLayer, QMobileNet
@@ -407,7 +408,8 @@ def int_outputs(qm: QMobileNet, images: torch.Tensor, kernels: str = "xnnpack", 
     _check_supported(qm)
     fq = qm.quant_in
     outs = []
-    for i in range(0, len(images), batch):
+    for i in tqdm(range(0, len(images), batch), desc=f"integer simulation ({kernels})", unit="batch",
+                  leave=False, disable=None, mininterval=1.0):
         codes = quantize(images[i:i + batch], fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax)
         outs.append(int_forward(qm, codes, kernels, exact64))
     return torch.cat(outs) if outs else torch.zeros(0, qm.classifier.op.out_features, dtype=torch.int64)

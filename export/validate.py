@@ -25,6 +25,7 @@ import copy
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from quantize.core import quantize
@@ -201,7 +202,8 @@ def sim_outputs(qm: QMobileNet, images: torch.Tensor, int_out: bool, batch: int 
         from quantize.core import dequantize
         images = dequantize(_io_codes(images, fq), fq.scale, fq.zero_point).double()
         qm = copy.deepcopy(qm).double()
-    outs = [qm(images[i:i + batch]) for i in range(0, len(images), batch)]
+    outs = [qm(images[i:i + batch]) for i in tqdm(range(0, len(images), batch), desc="float simulation",
+                                                  unit="batch", leave=False, disable=None, mininterval=1.0)]
     y = torch.cat(outs)
     if int_out:
         return _io_codes(y, qm.classifier.out_fq).to(torch.int64)
@@ -221,7 +223,8 @@ def run_file(data: bytes, qm: QMobileNet, images: torch.Tensor, *, kernels: str 
     inp, outp = it.get_input_details()[0], it.get_output_details()[0]
     in_dtype = inp["dtype"]
     res = []
-    for i in range(len(images)):
+    for i in tqdm(range(len(images)), desc=f"file ({kernels})", unit="img", leave=False, disable=None,
+                  mininterval=1.0):
         x = images[i:i + 1]
         if in_dtype != np.float32:  # integer input: the input quantizer's codes
             x = _io_codes(x, qm.quant_in)
