@@ -18,6 +18,7 @@ import torch
 
 from mobilenet.checkpoint import CheckpointError, load_model
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, DataError, load_dataset
+from mobilenet.provenance import collect_meta, command_line, write_meta
 
 from .config import PruneConfig
 from .masks import match_layers, prunable_layers, select_layers
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
         if cli.sweep_only:
             Path(cli.out).mkdir(parents=True, exist_ok=True)
             write_json({"cli": asdict(cli), "prune_config": cfg.to_dict()}, Path(cli.out) / "prune_config.json")
+            write_meta(Path(cli.out) / "prune_meta.json", collect_meta(command_line(), cli.checkpoint, seed=cfg.seed))
             run_sweeps(model, ds, cfg, cli.out, cli.device)
         else:
             run_prune_pipeline(model, ds, cli, cli.out, cli.device, cfg=cfg, source=cli.checkpoint)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mobilenet.checkpoint import FORMAT, atomic_save, atomic_write_text
+from mobilenet.provenance import collect_meta, command_line, write_meta
 
 from .config import PruneConfig, from_train_config
 from .finetune import fine_tune, recalibrate_bn
@@ -90,6 +91,10 @@ def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneCo
     out.mkdir(parents=True, exist_ok=True)
     write_json({"prune_config": cfg.to_dict(), "caller_config": _train_config_dict(tcfg), "source": source},
           out / "prune_config.json")
+    # what produced these results (named under every plot of the report): command, checkpoint, commit, machine
+    write_meta(out / "prune_meta.json", collect_meta(command_line(), source or "(in-memory model)",
+                                                     eval_subset=f"{cfg.eval_images or 'all'} test images",
+                                                     seed=cfg.seed))
     t_start = time.monotonic()
     model = copy.deepcopy(model).to(device).eval()
     eval_split = eval_subset(dataset.test, cfg.eval_images)

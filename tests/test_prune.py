@@ -244,6 +244,8 @@ def test_cli_end_to_end(tmp_path, tiny_model):
         assert (out / f).is_file(), f
     rep = json.loads((out / "prune_report.json").read_text())
     assert abs(rep["global_sparsity"] - 0.7) < 0.005
+    meta = json.loads((out / "prune_meta.json").read_text())   # provenance the report prints under each plot
+    assert meta["checkpoint"] == ckpt and meta["command"].startswith("python ") and meta["machine"]["cores"]
     model, ck = load_model(out / "pruned.pt")
     assert ck["kind"] == "pruned" and ck["prune_config"]["ratio"] == 0.7 and ck["masks"]
     assert check_zeros(model.state_dict(), ck["masks"]) == []
