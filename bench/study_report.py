@@ -91,10 +91,19 @@ def _matrix_tables(rows: list[dict]) -> list:
                             fmt_pct(r.get("agreement")), fmt_snr(r.get("snr_db")),
                             f"{r['mse']:.3g}" if _finite(r.get("mse")) else NA, _int(r.get("eval_images"))]
            for r in rows]
+    notes = []          # long notes (a refusal's reason) are numbered in the table and written out below it
+
+    def note_ref(text: str) -> str:
+        if len(text) <= 48:
+            return text
+        if text not in notes:
+            notes.append(text)
+        return f"{text.split(' (')[0][:48]} [{notes.index(text) + 1}]"
+
     size = [_key_cells(r) + [fmt_bytes(r.get("weight_bytes")), fmt_bytes(r.get("file_bytes")),
                              fmt_bytes(r.get("gzip_bytes")),
                              f"{fp_file / r['file_bytes']:.2f}×" if fp_file and _finite(r.get("file_bytes")) else NA,
-                             ("status", r.get("export_status") or NA), r.get("export_note") or "",
+                             ("status", r.get("export_status") or NA), note_ref(r.get("export_note") or ""),
                              _exact(r.get("exact_match")), _int(r.get("max_lsb")), fmt_pct(r.get("file_agreement"))]
             for r in rows]
     lat = [_key_cells(r) + [fmt_ms(r.get("host_ms_median")),
@@ -112,8 +121,10 @@ def _matrix_tables(rows: list[dict]) -> list:
                  "equal the PyTorch simulation's bit for bit; “max LSB” is the largest difference in output "
                  "quantization steps."),
            ("table", KEY_HEAD + ["weight bytes", ".tflite", "gzip", "FP32 / this", "export", "note", "exact",
-                                 "max LSB", "file agreement"], size),
-           ("h2", "Latency"),
+                                 "max LSB", "file agreement"], size)]
+    if notes:
+        out.append(("ul", [f"[{i + 1}] {t}" for i, t in enumerate(notes)]))
+    out += [("h2", "Latency"),
            ("table", KEY_HEAD + ["host median", "host p5 … p95", "threads", "device", "device name"], lat)]
     if not any(_finite(r.get("device_ms")) for r in rows):
         out.append(("p", "Device latency: not measured."))
