@@ -101,6 +101,7 @@ def _validate(data: bytes, qm, kind: str, cfg: ExportConfig, x: torch.Tensor, y:
             r = V.compare_codes(V.int_sim_outputs(qm, xs, kernels), got, ys, limit)
             r["reference"] = f"integer simulation ({kernels} arithmetic)"
             r["vs_float_sim"] = V.compare_codes(sim, got[:n_rep], ys[:n_rep], limit)
+            r["vs_float_sim"].pop("passed")   # reported only: no verdict (the float simulation drifts, see intsim)
         else:
             r = V.compare_codes(sim, got, y, limit) if int_graph else V.compare_float(sim, got, y)
             r["reference"] = "float simulation"
