@@ -13,6 +13,7 @@ Finally the report (bench.study_report) is written from the CSV.
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,9 @@ class MatrixConfig:
     serial: str | None = field(default=None, metadata={"help": "phone serial (with --device)"})
     benchmark_binary: str | None = field(default=None, metadata={"help": "benchmark_model for the phone"})
     prune_dir: str = field(default="", metadata={"help": "a pruning run directory to include in the report"})
+    retime: int = field(default=0, metadata={
+        "help": "time every exported file of the finished matrix again in N rounds, files interleaved, and "
+                "replace the host latency columns (for a matrix that ran on a busy machine); 0 = no"})
 
 
 def method_of(q: QuantConfig) -> str:
@@ -154,8 +158,45 @@ def load_all_modules():
                 importlib.import_module(f"{pkg}.{m.name}")
 
 
+def retime_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
+    """Host latency of every exported file of a finished matrix, measured again in one pass: `cfg.retime`
+    rounds, each timing all files one after the other (so drift on a shared machine hits them alike); a row's
+    median / p5 / p95 become the medians over rounds of its per-round figures. Other columns are untouched."""
+    import statistics
+    from .host import HostConfig, run_host
+    from .results import read_matrix
+    out = Path(cfg.out or "runs/matrix")
+    csv_path = out / "matrix.csv"
+    rows = [r for r in read_matrix(csv_path) if r.get("tflite") and Path(r["tflite"]).is_file()]
+    if not rows:
+        raise ValueError(f"no exported files listed in {csv_path}: run the matrix first")
+    files = [r["tflite"] for r in rows]
+    rounds = []
+    for _ in tqdm(range(cfg.retime), desc="re-timing rounds", unit="round", disable=None):
+        rounds.append(run_host(HostConfig(models=files, threads=cfg.threads[:1], xnnpack=[True],
+                                          runs=cfg.host_runs)))
+    for i, r in enumerate(rows):
+        r.update({k: statistics.median(rr[i][src] for rr in rounds) for k, src in
+                  (("host_ms_median", "median_ms"), ("host_ms_p5", "p5_ms"), ("host_ms_p95", "p95_ms"))})
+        r["host_threads"] = cfg.threads[0]
+        write_matrix_row(csv_path, r)
+    meta = read_meta(out / "meta.json") or {}
+    entry = collect_meta(command or "python -m bench --matrix --retime", meta.get("checkpoint") or cfg.checkpoint
+                         or REFERENCE)
+    meta.setdefault("history", []).append({k: entry.get(k) for k in _RUN_KEYS} | {
+        "retimed": f"host latency of {len(rows)} files, {cfg.retime} interleaved rounds of {cfg.host_runs} runs, "
+                   f"1-min load average {os.getloadavg()[0]:.2f} after"})
+    write_meta(out / "meta.json", meta)
+    from .study_report import write_report
+    md, html = write_report(out, prune_dir=cfg.prune_dir or None)
+    print(f"re-timed {len(rows)} files; wrote {csv_path}, {md} and {html}")
+    return csv_path
+
+
 def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
     load_all_modules()
+    if cfg.retime:
+        return retime_matrix(cfg, command)
     cfg = replace(cfg, checkpoint=cfg.checkpoint or REFERENCE, out=cfg.out or "runs/matrix")
     if cfg.eval_every < 1:
         raise ValueError(f"--eval-every should be >= 1 instead of {cfg.eval_every}")

@@ -160,6 +160,22 @@ def stage_litert(b, model, ds):
     return res
 
 
+def _stage_commits(out: Path) -> str:
+    """The commit each stage ran at, where its directory records it (prune_meta.json; latency JSONs)."""
+    got = []
+    for st in ("unstructured", "structured", "layers", "litert"):
+        for f in (out / st / "prune_meta.json", out / st / "litert_latency.json"):
+            if f.is_file():
+                meta = json.loads(f.read_text())
+                c = (meta.get("commit") or "?")[:7] + (" (dirty)" if meta.get("commit_dirty") else "")
+                got.append(f"{st} `{c}`")
+                break
+        else:
+            if (out / st).is_dir():
+                got.append(f"{st} not recorded")
+    return ", ".join(got) or "not recorded"
+
+
 def _pct(x):
     return f"{100 * x:.2f}%"
 
@@ -169,8 +185,8 @@ def stage_report(b: BenchConfig, cmd: str):
     cmds = [f"`{(out / st / 'command.txt').read_text().strip()}`" for st in ("unstructured", "structured", "layers",
                                                                          "latency", "litert") if (out / st / "command.txt").is_file()]
     lines = ["", "## Pruning (issue 3)", "",
-             "Commands (background, `nohup ... > runs/prune_bench_<stage>.log`): " + "; ".join(cmds + [f"`{cmd}`"]) + "  ", f"Commit: `{_git_commit()}` (HEAD when this section was generated; the stages ran earlier, on "
-             f"uncommitted versions of prune/: see Notes)  ",
+             "Commands (background, `nohup ... > runs/<log>`): " + "; ".join(cmds + [f"`{cmd}`"]) + "  ",
+             f"Commits: {_stage_commits(out)}; this section generated at `{_git_commit()}`  ",
              f"Machine: {_machine()}  ",
              f"Model: {b.checkpoint} (reference FP32). Accuracy: fp32, eval mode, on {b.eval_images or 10000} "
              f"test images (every 5th of the 10,000; reference 82.55%), one run each, measured in the same run.", ""]

@@ -78,6 +78,11 @@ def test_matrix_quick_rows_resume(tmp_path):
     hist = json.loads((out / "meta.json").read_text())["history"]   # both invocations named in the report
     assert [h["rows_before"] for h in hist] == [0, 2]
     assert "resumed after 2 rows" in (out / "report.md").read_text()
+    assert bench_cli.main(args + ["--retime", "2"]) == 0     # host latency again, interleaved rounds
+    again = read_matrix(out / "matrix.csv")
+    assert [r["top1"] for r in again] == [r["top1"] for r in rows]         # only the host columns change
+    assert all(r["host_ms_median"] > 0 and r["host_ms_p5"] <= r["host_ms_p95"] for r in again)
+    assert "re-timed: host latency of 2 files, 2 interleaved rounds" in (out / "report.md").read_text()
 
 
 def test_matrix_rejects_unknown_config(tmp_path, capsys):
