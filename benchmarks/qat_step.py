@@ -24,10 +24,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mobilenet import ModelConfig, build_model  # noqa: E402
+from mobilenet import ModelConfig, build_model, load_model  # noqa: E402
+from mobilenet.data import BatchLoader, DataConfig, load_dataset  # noqa: E402
 from quantize import prepare, recipe  # noqa: E402
 from quantize.qmodel import calibrate, freeze, freeze_bn  # noqa: E402
 from quantize.qat import _start_fake_quant  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "cifar10_mobilenetv2_w1.0.pt"
 
 
 def _step(model, opt, x, y):
@@ -35,11 +38,17 @@ def _step(model, opt, x, y):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    if not torch.isfinite(loss):   # a diverged step is not a step to time
+        raise SystemExit(f"the loss is {float(loss)}: training diverged; the timing would mean nothing")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--checkpoint", default=str(REFERENCE),
+                   help="the model to train (default: the CIFAR-10 reference); 'random' for a freshly initialized "
+                        "one (its BN running statistics are the initial ones, so the ranges calibrated in eval mode "
+                        "do not fit the batch statistics of training: QAT from scratch degenerates, see RESULTS.md)")
+    p.add_argument("--width", type=float, default=1.0, help="with --checkpoint random")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7, help="timed steps per model, alternating")
     p.add_argument("--threads", type=int, default=1)
@@ -50,9 +59,14 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
 
-    model = build_model(ModelConfig(layout="cifar", width_mult=a.width, num_classes=10)).eval()
-    x = torch.randn(a.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (a.batch,))
+    if a.checkpoint == "random":
+        model = build_model(ModelConfig(layout="cifar", width_mult=a.width, num_classes=10)).eval()
+        x, y = torch.randn(a.batch, 3, 32, 32), torch.randint(0, 10, (a.batch,))
+    else:   # a real start: trained weights, real images (the first training batch), their labels
+        model, _ = load_model(a.checkpoint)
+        model.eval()
+        ds = load_dataset(DataConfig())
+        x, y = next(iter(BatchLoader(ds.train, a.batch, model.cfg.layout)))
     qm = prepare(model, recipe("W8A8", act_observer="ema"), qat=True)
     calibrate(qm, [x])
     _start_fake_quant(qm)
@@ -80,7 +94,7 @@ def main(argv=None):
     spread = {k: (min(v[2]), max(v[2])) for k, v in runs.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent.parent).stdout.strip()
-    print(f"width {a.width}, batch {a.batch}, {a.repeats} alternating repeats, {a.threads} thread(s), phase "
+    print(f"model {Path(a.checkpoint).name if a.checkpoint != 'random' else f'random width {a.width}'}, batch {a.batch}, {a.repeats} alternating repeats, {a.threads} thread(s), phase "
           f"{a.phase}, torch {torch.__version__}, {platform.machine()} x{os.cpu_count()}, "
           f"load {os.getloadavg()[0]:.1f}, commit {commit}")
     for k in med:
