@@ -52,7 +52,10 @@ class ExportConfig:
     reported_images: int = 1000         # int8: the reported-only checks (builtin kernels, float simulation) use the
                                         # first min(val_images, this) images; the gate uses all val_images
     max_lsb: int = 1                    # int8 graphs: largest output difference accepted, in output LSBs
-    max_lsb_int16: int = 8              # int16 graphs: the same in int16 LSBs (1/32 of one int8 step)
+    # int16 graphs: the same in int16 LSBs, against the float simulation (there is no int16 integer simulation):
+    # 16 = 1/16 of one int8 step. Measured drift on the CIFAR-10 reference over 1,000 images: 8 (per-channel
+    # weights), 9 (per-tensor); a wrong scale or code moves outputs by hundreds to thousands.
+    max_lsb_int16: int = 16
 
 
 def sha256(path: str | os.PathLike) -> str:
