@@ -79,7 +79,8 @@ def _provenance(meta: dict | None, matrix: Path) -> list:
             f"{h.get('date', '?')} · commit {(h.get('commit') or '?')[:7]}"
             f"{' (dirty)' if h.get('commit_dirty') else ''} · `{h.get('command', '?')}`"
             + (f" (resumed after {h['rows_before']} rows)" if h.get("rows_before") else "")
-            + (f" (re-timed: {h['retimed']})" if h.get("retimed") else "") for h in hist)))
+            + (f" (re-timed: {h['retimed']})" if h.get("retimed") else "")
+            + (f" ({h['note']})" if h.get("note") else "") for h in hist)))
     return [("kv", items)]
 
 

@@ -8,6 +8,7 @@ that report's text. Nothing in the section is typed by hand: run this again afte
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -52,7 +53,11 @@ def main(argv=None) -> int:
     p.add_argument("--dest", default=str(ROOT / "benchmarks" / "results" / "matrix"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     a = p.parse_args(argv)
-    src, dest = Path(a.results_dir), Path(a.dest)
+    src, dest = Path(a.results_dir).resolve(), Path(a.dest).resolve()
+    os.chdir(ROOT)                          # the page names its inputs relative to the repository
+    rel_to_root = lambda q: q.relative_to(ROOT) if q.is_relative_to(ROOT) else q  # noqa: E731
+    src, dest = rel_to_root(src), rel_to_root(dest)
+    prune_src = Path(a.prune_dir).resolve() if a.prune_dir else None
     if not (src / "matrix.csv").is_file():
         print(f"no matrix.csv in {src}", file=sys.stderr)
         return 2
@@ -64,11 +69,11 @@ def main(argv=None) -> int:
     if a.prune_dir:
         prune_dest.mkdir(exist_ok=True)
         for f in PRUNE_FILES:
-            if (Path(a.prune_dir) / f).is_file():
-                shutil.copyfile(Path(a.prune_dir) / f, prune_dest / f)
+            if (prune_src / f).is_file():
+                shutil.copyfile(prune_src / f, prune_dest / f)
     md, _ = write_report(dest, prune_dir=prune_dest if prune_dest.is_dir() else None, out_dir=dest)
-    rel = dest.resolve().relative_to(Path(a.results).resolve().parent).as_posix()
-    results = Path(a.results)
+    results = Path(a.results).resolve()
+    rel = os.path.relpath(dest.resolve(), results.parent)
     old = results.read_text() if results.exists() else "# Benchmark results\n"
     atomic_write_text(replace_section(old, section_text(md.read_text(), rel)), results)
     print(f"published {dest} and the matrix section of {results}")
