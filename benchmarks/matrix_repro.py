@@ -71,7 +71,13 @@ def main(argv=None) -> int:
             k = old.find("\n### ", i + len(HEADING))
             ends = [e for e in (j, k) if e >= 0]
             old = old[:i] + (old[min(ends) + 1:] if ends else "")
-        atomic_write_text(old.rstrip("\n") + "\n\n" + text, path)
+        m = old.find("\n## Experiment matrix")     # at the end of the matrix section, where it belongs
+        nxt = old.find("\n## ", m + 1) if m >= 0 else -1
+        if nxt >= 0:
+            new = old[:nxt].rstrip("\n") + "\n\n" + text + old[nxt:]
+        else:
+            new = old.rstrip("\n") + "\n\n" + text
+        atomic_write_text(new, path)
     return 0 if ok else 1
 
 
