@@ -53,3 +53,16 @@ def tiny_model():
     from mobilenet import build_model
     torch.manual_seed(0)
     return build_model(tiny_config()).eval()
+
+
+def real_stats_tiny_model(data):
+    """(tiny model in eval mode whose BN statistics come from real training images, so its activations look like a
+    trained net's; the calibration batches of 64). `data`: a Dataset such as the cifar_small fixture."""
+    from mobilenet import build_model
+    from mobilenet.data import BatchLoader
+    torch.manual_seed(0)
+    m = build_model(tiny_config()).train()
+    with torch.no_grad():
+        for x, _ in BatchLoader(data.train, 128):
+            m(x)
+    return m.eval(), [x for x, _ in BatchLoader(data.calib, 64)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CIFAR_TGZ, tiny_config
+from conftest import CIFAR_TGZ, real_stats_tiny_model, tiny_config
 
 VAL = "48"
 
@@ -27,17 +27,10 @@ def ckpts(tmp_path_factory, cifar_small):
     """FP32, W8A8, pruned W8A8 (half of every conv's weights zero), W8A32, W8A16 and W4A8 checkpoints of one
     tiny model whose BN statistics come from real images (so activations look like a trained net's)."""
     from mobilenet import atomic_save, build_model
-    from mobilenet.data import BatchLoader
     from quantize import calibrate, freeze, prepare, recipe
     from quantize.io import save_quantized
     d = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    m = build_model(tiny_config()).train()
-    with torch.no_grad():
-        for x, _ in BatchLoader(cifar_small.train, 128):
-            m(x)
-    m.eval()
-    xs = [x for x, _ in BatchLoader(cifar_small.calib, 64)]
+    m, xs = real_stats_tiny_model(cifar_small)
     out = {"dir": d, "model": m, "fp32": d / "fp32.pt"}
     atomic_save({"format": "mnv2-compress", "kind": "fp32", "model_config": m.cfg.to_dict(),
                  "model": m.state_dict()}, out["fp32"])

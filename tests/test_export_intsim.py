@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import real_stats_tiny_model, tiny_config
 
 
 # ------------------------------------------------------------------------------------ golden vectors
@@ -84,16 +84,8 @@ def test_relu6_bounds_and_add_golden():
 def exported(cifar_small):
     """{granularity: (QMobileNet, tflite bytes)} for one tiny W8A8 model, per-channel and per-tensor weights."""
     from export.convert import convert
-    from mobilenet import build_model
-    from mobilenet.data import BatchLoader
     from quantize import calibrate, freeze, prepare, recipe
-    torch.manual_seed(0)
-    m = build_model(tiny_config()).train()
-    with torch.no_grad():
-        for x, _ in BatchLoader(cifar_small.train, 128):
-            m(x)
-    m.eval()
-    xs = [x for x, _ in BatchLoader(cifar_small.calib, 64)]
+    m, xs = real_stats_tiny_model(cifar_small)
     out = {}
     for gran in ("per-channel", "per-tensor"):
         qm = prepare(m, recipe("W8A8", granularity=gran))
