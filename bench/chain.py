@@ -31,17 +31,24 @@ class ChainConfig:
         "help": "start from this FP32 checkpoint instead of training (e.g. ../shared/models/...)"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
     width: float = field(default=1.0, metadata={"help": "width multiplier of the trained baseline"})
-    train_epochs: int = field(default=2, metadata={"help": "baseline training epochs"})
-    train_images: int = field(default=12000, metadata={"help": "training images per epoch (0 = all 50,000)"})
+    # Budgets in wall-clock minutes, not image counts: each training stage measures its step time first and
+    # fits its steps to the budget, so a slower CPU trains on fewer images instead of running longer.
+    train_minutes: float = field(default=3.0, metadata={"help": "minutes for the baseline's training epochs"})
+    train_epochs: int = field(default=2, metadata={"help": "baseline epochs the training budget is split into"})
     prune: str = field(default="0.7", metadata={"help": "global unstructured sparsity, or auto"})
-    finetune_epochs: int = field(default=1, metadata={"help": "fine-tuning epochs after pruning"})
-    finetune_images: int = field(default=8000, metadata={"help": "fine-tuning images per epoch (0 = all)"})
+    sweep_minutes: float = field(default=1.0, metadata={
+        "help": "minutes for the per-layer sensitivity sweep (ratio by ratio; the trials left out are reported)"})
     sweep_images: int = field(default=100, metadata={"help": "test images per per-layer sweep evaluation"})
-    sweep_per_layer: bool = field(default=True, metadata={"help": "run the per-layer sweep too (53 layers x 5)"})
+    sweep_global_images: int = field(default=1000, metadata={"help": "test images per global sweep evaluation"})
+    sweep_per_layer: bool = field(default=True, metadata={"help": "run the per-layer sweep too"})
+    finetune_minutes: float = field(default=1.5, metadata={"help": "minutes for fine-tuning after pruning"})
+    finetune_epochs: int = field(default=1, metadata={"help": "fine-tuning epochs the budget is split into"})
     qat: bool = field(default=False, metadata={"help": "quantization-aware training instead of PTQ"})
-    qat_epochs: int = field(default=1, metadata={"help": "QAT epochs (with --qat)"})
-    qat_images: int = field(default=4000, metadata={"help": "QAT images per epoch (with --qat)"})
+    qat_minutes: float = field(default=3.0, metadata={"help": "minutes for QAT (with --qat)"})
+    qat_epochs: int = field(default=1, metadata={"help": "QAT epochs the budget is split into (with --qat)"})
     config: str = field(default="W8A8", metadata={"help": "quantization config of the exported file"})
+    eval_images: int = field(default=2000, metadata={
+        "help": "test images (evenly spaced, class-stratified) for every accuracy the chain reports"})
     val_images: int = field(default=1000, metadata={"help": "test images in the export validation"})
     host_runs: int = field(default=50, metadata={"help": "timed inferences per file on the host"})
 
@@ -81,9 +88,10 @@ def run_chain(cfg: ChainConfig) -> Path:
     # 1. baseline
     baseline = Path(cfg.init) if cfg.init else out / "baseline" / "checkpoint.pt"
     if not cfg.init:
-        done = out / "baseline" / "metrics.json"
+        stride = max(1, 10000 // cfg.eval_images) if cfg.eval_images else 1
         args = ["--out", str(out / "baseline"), "--root", cfg.data, "--width", str(cfg.width),
-                "--epochs", str(cfg.train_epochs), "--max-train-images", str(cfg.train_images)]
+                "--epochs", str(cfg.train_epochs), "--budget-minutes", str(cfg.train_minutes),
+                "--max-train-images", "0", "--eval-stride", str(stride)]
         resume = ["--resume"] if baseline.exists() else []
         _step("train baseline", out / "baseline" / "done", lambda: _train(train, args + resume, out), log)
     elif not baseline.is_file():
@@ -93,15 +101,18 @@ def run_chain(cfg: ChainConfig) -> Path:
     pruned = out / "prune" / "pruned.pt"
     _step("sweep + prune + fine-tune", pruned, lambda: prune_cli.main([
         "--checkpoint", str(baseline), "--out", str(out / "prune"), "--data", cfg.data, "--ratio", cfg.prune,
-        "--epochs", str(cfg.finetune_epochs), "--images-per-epoch", str(cfg.finetune_images),
-        "--sweep-images", str(cfg.sweep_images), "--eval-images", "2000"]
+        "--epochs", str(cfg.finetune_epochs), "--budget-minutes", str(cfg.finetune_minutes),
+        "--images-per-epoch", "0", "--sweep-images", str(cfg.sweep_images),
+        "--sweep-minutes", str(cfg.sweep_minutes), "--sweep-global-images", str(cfg.sweep_global_images),
+        "--eval-images", str(cfg.eval_images)]
         + ([] if cfg.sweep_per_layer else ["--no-sweep-per-layer"])), log)
 
     # 5. quantize
     qdir = out / "quantize"
-    qargs = ["--checkpoint", str(pruned), "--config", cfg.config, "--out", str(qdir)]
+    qargs = ["--checkpoint", str(pruned), "--config", cfg.config, "--out", str(qdir), "--data", cfg.data,
+             "--eval-size", str(cfg.eval_images)]
     if cfg.qat:
-        qargs += ["--qat", "--epochs", str(cfg.qat_epochs), "--qat-images", str(cfg.qat_images)]
+        qargs += ["--qat", "--epochs", str(cfg.qat_epochs), "--qat-minutes", str(cfg.qat_minutes)]
     qckpt = qdir / "quantized.pt"
     _step("quantize " + ("(QAT)" if cfg.qat else "(PTQ)"), qckpt, lambda: quantize_cli.main(qargs), log)
 
@@ -109,9 +120,10 @@ def run_chain(cfg: ChainConfig) -> Path:
     int8 = out / f"model_{cfg.config.lower()}.tflite"
     fp32 = out / "model_fp32.tflite"
     _step("export FP32", fp32, lambda: export_cli.main([
-        "--checkpoint", str(pruned), "--out", str(fp32), "--val-images", str(min(cfg.val_images, 200))]), log)
+        "--checkpoint", str(pruned), "--out", str(fp32), "--data", cfg.data,
+        "--val-images", str(min(cfg.val_images, 200))]), log)
     _step(f"export {cfg.config}", int8, lambda: export_cli.main([
-        "--checkpoint", str(qckpt), "--out", str(int8), "--val-images", str(cfg.val_images),
+        "--checkpoint", str(qckpt), "--out", str(int8), "--data", cfg.data, "--val-images", str(cfg.val_images),
         "--compare-to", str(fp32)]), log)
 
     # 7. host benchmark

@@ -6,9 +6,12 @@ import csv
 import json
 from pathlib import Path
 
-from .results import collect_meta, write_matrix_row, write_meta
+from mobilenet.checkpoint import atomic_write_text
 
-__all__ = ["write_chain_report"]
+from .results import collect_meta, write_matrix_row, write_meta
+from .units import NA
+
+__all__ = ["write_chain_report", "stage_summary"]
 
 
 def _json(path: Path) -> dict:
@@ -34,6 +37,64 @@ def _file(tflite: Path) -> dict:
     return {"tflite": str(tflite), "export_status": "ok", "file_bytes": fs["size_bytes"],
             "gzip_bytes": fs["gzip_bytes"], "exact_match": run.get("exact_outputs"), "max_lsb": run.get("max_lsb"),
             "file_agreement": run.get("agreement")}
+
+
+def _rate(images, seconds):
+    return round(images / seconds, 1) if images and seconds else None
+
+
+def stage_summary(out: Path) -> list[dict]:
+    """One row per training stage of the chain: its budget, what it reached in that time, and its precision,
+    read back from the files each step wrote."""
+    rows = []
+    base = _json(out / "baseline" / "metrics.json")
+    if base:
+        hist, b = base.get("history", []), base.get("budget") or {}
+        images, secs = sum(r["train_images"] for r in hist), sum(r["train_seconds"] for r in hist)
+        rows.append({"stage": "baseline training", "budget_min": b.get("minutes"),
+                     "steps": sum(-(-r["train_images"] // base["config"]["batch_size"]) for r in hist),
+                     "images": images, "seconds": round(secs, 1), "images_per_s": _rate(images, secs),
+                     "precision": base.get("precision", {}).get("dtype"),
+                     "note": f"{b['step_seconds']:.3f} s per step measured before the run" if b else ""})
+    pr = _json(out / "prune" / "prune_report.json")
+    pc = _json(out / "prune" / "prune_config.json").get("prune_config", {})
+    prec = pr.get("precision", {})
+    trials = pr.get("sweep_layers_trials")
+    if trials:
+        skipped = trials["planned"] - trials["run"]
+        rows.append({"stage": "per-layer sweep", "budget_min": trials.get("minutes"), "steps": trials["run"],
+                     "images": trials["run"] * pc.get("sweep_images", 0), "seconds": None, "images_per_s": None,
+                     "precision": prec.get("sweep_bf16", {}).get("dtype"),
+                     "note": f"{trials['run']} of {trials['planned']} trials" +
+                             (f"; {skipped} skipped by the budget" if skipped else "")})
+    ft = pr.get("finetune")
+    if ft:
+        rows.append({"stage": "fine-tuning", "budget_min": pc.get("budget_minutes") or None, "steps": ft["steps"],
+                     "images": ft["images"], "seconds": ft["seconds"], "images_per_s": _rate(ft["images"], ft["seconds"]),
+                     "precision": prec.get("bf16", {}).get("dtype"),
+                     "note": f"{ft['steps']} of {ft.get('planned_steps', '?')} planned steps"})
+    q = _json(out / "quantize" / "metrics.json")
+    if q.get("qat"):
+        hist, b = q["qat"]["history"], q["qat"]["config"].get("budget") or {}
+        images, secs = sum(h["images"] for h in hist), hist[-1]["seconds"] if hist else 0
+        rows.append({"stage": "QAT", "budget_min": b.get("minutes"), "steps": sum(h["steps"] for h in hist),
+                     "images": images, "seconds": secs, "images_per_s": _rate(images, secs),
+                     "precision": q.get("precision", {}).get("dtype"), "note": ""})
+    return rows
+
+
+def stage_blocks(rows: list[dict]) -> list:
+    """The chain's training stages: the budget each had, the images and throughput it reached, its precision."""
+    def cell(v, fmt="{}"):
+        return NA if v is None else fmt.format(v)
+    cells = [[r["stage"], cell(r["budget_min"], "{:g} min"), cell(r["steps"]), cell(r["images"]),
+              cell(r["seconds"], "{:.0f} s"), cell(r["images_per_s"], "{:.0f}"), r["precision"] or NA, r["note"]]
+             for r in rows]
+    return [("h2", "Stages: budgets and throughput"),
+            ("p", "Each training stage had a wall-clock budget and fitted its work to the speed it measured, so a "
+                  "slower machine trains on fewer images rather than for longer."),
+            ("table", ["stage", "budget", "steps / trials", "images", "time", "images/s", "precision", "note"],
+             cells)]
 
 
 def write_chain_report(out: Path, command: str, baseline: str) -> tuple[Path, Path]:
@@ -63,4 +124,7 @@ def write_chain_report(out: Path, command: str, baseline: str) -> tuple[Path, Pa
         write_matrix_row(out / "matrix.csv", row)
     write_meta(out / "meta.json", collect_meta(command, baseline,
                                                eval_subset=f"{m.get('n', '?')} CIFAR-10 test images (stratified)"))
-    return write_report(out, prune_dir=out / "prune", title="mnv2-compress: the whole chain on CIFAR-10")
+    stages = stage_summary(out)
+    atomic_write_text(json.dumps(stages, indent=2) + "\n", out / "stages.json")
+    return write_report(out, prune_dir=out / "prune", title="mnv2-compress: the whole chain",
+                        extra=stage_blocks(stages))

@@ -52,7 +52,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls, title: str):
         default = f.default if f.default is not MISSING else f.default_factory()
         hint = hints[f.name]
         kw = {"dest": f.name, "default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
-        if hint is bool:
+        if hint in (bool, bool | None):
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif hint in (int, float, str):
             group.add_argument(*flags, type=hint, metavar=f.name.upper(), **kw)

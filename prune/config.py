@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from mobilenet.precision import resolve_precision
+
 __all__ = ["PruneConfig", "parse_ratio", "from_train_config", "DEFAULT_SWEEP_RATIOS"]
 
 DEFAULT_SWEEP_RATIOS = (0.3, 0.5, 0.6, 0.7, 0.8)
+EXACT_ACCURACY = "reported accuracies are compared with FP32 figures"
 
 
 def parse_ratio(value, what: str = "--prune", allow_auto: bool = True):
@@ -56,10 +59,14 @@ class PruneConfig:
         "help": "comma-separated fnmatch patterns restricting the per-layer sweep (default: every layer)"})
     sweep_images: int = field(default=500, metadata={
         "help": "test images per per-layer sweep evaluation (evenly spaced, stratified); 0 = all"})
+    sweep_minutes: float = field(default=0.0, metadata={
+        "help": "wall-clock cap on the per-layer sweep in minutes (it runs ratio by ratio, so every layer is "
+                "tried at the first ratios; the trials skipped are reported); 0 = none"})
     sweep_global_images: int = field(default=2000, metadata={
         "help": "test images per global sweep evaluation; 0 = all"})
-    sweep_bf16: bool = field(default=True, metadata={
-        "help": "bf16 autocast for sweep evaluations (~4x faster on CPU; drops are relative to a bf16 baseline)"})
+    sweep_bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast for sweep evaluations (drops are relative to a baseline in the same precision); "
+                "default: bf16 where the device runs it natively"})
     auto_threshold: float = field(default=2.0, metadata={
         "help": "--prune auto: largest swept global ratio whose accuracy drop is below this (points)"})
     # ---- fine-tuning
@@ -82,12 +89,14 @@ class PruneConfig:
     # ---- evaluation and run
     eval_images: int = field(default=0, metadata={
         "help": "test images for the before/after accuracies (evenly spaced; 2000 = every 5th); 0 = all"})
-    eval_bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the before/after accuracies"})
+    eval_bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast for the before/after accuracies; default: FP32 (they are compared with FP32 figures)"})
     latency_repeats: int = field(default=20, metadata={"help": "timed forward passes per latency figure"})
     tolerance: float = field(default=0.5, metadata={
         "help": "points by which reached global sparsity may differ from the request before the run fails"})
     seed: int = field(default=0, metadata={"help": "shuffling and augmentation seed"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast while fine-tuning"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast while fine-tuning; default: bf16 where the device runs it natively"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format"})
     batch_size: int = field(default=128, metadata={"help": "fine-tuning batch size"})
     eval_batch_size: int = field(default=250, metadata={"help": "evaluation batch size"})
@@ -113,6 +122,7 @@ class PruneConfig:
             (self.structured_round >= 1, "structured_round", ">= 1"),
             (self.sweep_images >= 0, "sweep_images", ">= 0"),
             (self.sweep_global_images >= 0, "sweep_global_images", ">= 0"),
+            (self.sweep_minutes >= 0, "sweep_minutes", ">= 0"),
             (self.auto_threshold > 0, "auto_threshold", "> 0 points"),
             (self.epochs >= 0, "epochs", ">= 0"),
             (self.lr > 0, "lr", "> 0"),
@@ -138,6 +148,17 @@ class PruneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def resolve_precision(self, device) -> dict:
+        """Replace each precision flag left at None by the hardware's choice (mobilenet/precision.py), once;
+        returns {flag: {"dtype", "reason"}} for the report."""
+        if getattr(self, "_precision", None) is None:
+            self._precision = {}
+            for name, exact in (("sweep_bf16", ""), ("bf16", ""), ("eval_bf16", EXACT_ACCURACY)):
+                p = resolve_precision(getattr(self, name), device, exact=exact)
+                setattr(self, name, p.bf16)
+                self._precision[name] = p.to_dict()
+        return self._precision
+
 
 # train.py's fields that mean the same thing here; everything else is read as `tcfg.prune_<field>`.
 _SHARED = ("seed", "bf16", "channels_last", "batch_size", "layout")
@@ -155,5 +176,7 @@ def from_train_config(tcfg, **overrides) -> PruneConfig:
             v = getattr(tcfg, f"prune_{f.name}")
             if v is not None:
                 kw[f.name] = v
+    if getattr(tcfg, "bf16", None) is not None:   # the user's --bf16/--no-bf16 forces the sweep too
+        kw.setdefault("sweep_bf16", tcfg.bf16)
     kw.update(overrides)
     return PruneConfig(**kw)

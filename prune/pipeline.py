@@ -45,7 +45,7 @@ def write_json(obj, path):
 def run_sweeps(model, dataset, cfg: PruneConfig, out_dir, device="cpu", log=print) -> dict:
     """Global and (optionally) per-layer sensitivity sweeps; CSV and PNG in out_dir. Returns their rows."""
     out = Path(out_dir)
-    res = {}
+    res = {"precision": cfg.resolve_precision(device)}
     split = eval_subset(dataset.test, cfg.sweep_global_images)
     res["global"] = global_sweep(model, split, cfg, device, log=log)
     write_csv(res["global"], GLOBAL_COLUMNS, out / "sweep_global.csv")
@@ -56,6 +56,9 @@ def run_sweeps(model, dataset, cfg: PruneConfig, out_dir, device="cpu", log=prin
             work = work.to(memory_format=torch.channels_last)
         res["layers"] = per_layer_sweep(work, eval_subset(dataset.test, cfg.sweep_images), cfg, device,
                                         csv_path=out / "sweep_layers.csv", log=log)
+        planned = res["layers"][0].get("planned_trials", len(res["layers"])) - 1 if res["layers"] else 0
+        res["layers_trials"] = {"run": len(res["layers"]) - 1, "planned": planned,
+                                "minutes": cfg.sweep_minutes or None}
         plot_layer_heatmap(res["layers"], out / "sweep_layers.png")
     log(f"sweep written to {out}/sweep_global.csv/.png" + (" and sweep_layers.csv/.png" if cfg.sweep_per_layer else ""))
     return res
@@ -89,7 +92,10 @@ def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneCo
         raise ValueError("nothing to do: give --prune RATIO|auto and/or --prune-structured RATIO")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"prune_config": cfg.to_dict(), "caller_config": _train_config_dict(tcfg), "source": source},
+    precision = cfg.resolve_precision(device)
+    for name, p in precision.items():
+        log(f"precision of {name.replace('_', '-')}: {p['dtype']} ({p['reason']})")
+    write_json({"prune_config": cfg.to_dict(), "precision": precision, "caller_config": _train_config_dict(tcfg), "source": source},
           out / "prune_config.json")
     # what produced these results (named under every plot of the report): command, checkpoint, commit, machine
     write_meta(out / "prune_meta.json", collect_meta(command_line(), source or "(in-memory model)",
@@ -104,7 +110,7 @@ def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneCo
         log(f"{what}: top-1 {100 * a:.2f}% on {len(eval_split)} test images")
         return a
 
-    report = {"eval_images": len(eval_split), "eval_bf16": cfg.eval_bf16, "source": source,
+    report = {"eval_images": len(eval_split), "eval_bf16": cfg.eval_bf16, "precision": precision, "source": source,
               "acc_baseline": acc(model, "baseline")}
     report["size_baseline"] = state_dict_sizes(model.state_dict())
 
@@ -113,6 +119,7 @@ def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneCo
     if cfg.sweep or ratio == "auto":
         sweeps = run_sweeps(model, dataset, cfg, out, device, log)
         report["sweep_global"] = sweeps["global"]
+        report["sweep_layers_trials"] = sweeps.get("layers_trials")
         if ratio == "auto":
             ratio = choose_auto_ratio(sweeps["global"], cfg.auto_threshold)
             log(f"--prune auto: chose ratio {ratio} (largest swept drop under {cfg.auto_threshold} points)")

@@ -10,6 +10,7 @@ import copy
 import csv
 import hashlib
 import io
+import time
 from pathlib import Path
 
 import torch
@@ -140,9 +141,21 @@ def per_layer_sweep(model: nn.Module, split: Split, cfg, device="cpu", csv_path=
         return base
 
     rows = []
-    trials = [("(none)", 0.0)] + [(n, r) for n in names for r in cfg.sweep_ratios if r > 0]
-    for layer_name, r in tqdm(trials, desc="per-layer sweep", unit="trial", mininterval=1.0):
+    # ratio by ratio, every layer at each: a sweep cut short by its budget still ranks all layers
+    trials = [("(none)", 0.0)] + [(n, r) for r in cfg.sweep_ratios if r > 0 for n in names]
+    deadline = time.monotonic() + 60 * cfg.sweep_minutes if cfg.sweep_minutes else None
+    bar = tqdm(trials, desc="per-layer sweep", unit="trial", mininterval=1.0)
+    for i, (layer_name, r) in enumerate(bar):
+        if deadline is not None and rows and time.monotonic() > deadline and key(layer_name, r) not in done:
+            skipped = trials[i:]
+            left = sorted({float(t[1]) for t in skipped})
+            log(f"per-layer sweep: the {cfg.sweep_minutes:g} min budget (--sweep-minutes) ran out after "
+                f"{len(rows) - 1} of {len(trials) - 1} trials; skipped {len(skipped)} trials (ratios "
+                f"{', '.join(f'{x:g}' for x in left)}; the first skipped: {layer_name} at {r:g})")
+            bar.close()
+            break
         row = run(layer_name, r)
+        row["planned_trials"] = len(trials)
         row["drop_points"] = 100 * (rows[0]["acc"] - row["acc"]) if rows else 0.0
         if layer_name != "(none)" and abs(row["reached_sparsity"] - r) > 0.5 / 100 + 1 / max(int(row["numel"]), 1):
             log(f"per-layer sweep: {layer_name} at {r} reached {row['reached_sparsity']:.4f} (exact zeros in the "

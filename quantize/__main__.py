@@ -58,6 +58,10 @@ class CliConfig:
     freeze_bn_epoch: int | None = field(default=None, metadata={"help": "QAT: epoch from which BN stats freeze"})
     freeze_observer_epoch: int | None = field(default=None, metadata={"help": "QAT: epoch from which ranges freeze"})
     qat_images: int | None = field(default=None, metadata={"help": "QAT: training images per epoch"})
+    qat_minutes: float | None = field(default=None, metadata={
+        "help": "QAT: wall-clock minutes for all epochs; the steps are fitted to the measured step time"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "QAT: bf16 autocast (then no longer bit-exact with the integer model); default: FP32"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
     data_source: str = field(default="folder", metadata={"help": "folder | cifar-batches | random"})
     cache_dir: str = field(default=DEFAULT_CACHE, metadata={"help": "where the archive is unpacked and decoded"})
@@ -68,7 +72,8 @@ class CliConfig:
 
 
 QAT_FIELDS = {"epochs": "epochs", "qat_lr": "lr", "freeze_bn_epoch": "freeze_bn_epoch",
-              "freeze_observer_epoch": "freeze_observer_epoch", "qat_images": "max_images_per_epoch"}
+              "freeze_observer_epoch": "freeze_observer_epoch", "qat_images": "max_images_per_epoch", "bf16": "bf16",
+              "qat_minutes": "budget_minutes"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(CliConfig):
         flag = f"--{f.name.replace('_', '-')}"
         kw = {"dest": f.name, "default": f.default, "help": f"{f.metadata['help']} (default: {f.default})"}
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
             typ = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}[str(f.type)]
@@ -175,6 +180,10 @@ def run(cli: CliConfig) -> dict:
                                               "qat": cli.qat, "masks": ckpt.get("masks"), "cli": asdict(cli)})
     summary = {"cli": asdict(cli), "quant_config": qcfg.to_dict(), "metrics": metrics,
                "ptq_report": _short_report(getattr(qm, "ptq_report", {}))}
+    if cli.qat:
+        summary["qat"] = {"config": qm.qat_config, "history": qm.qat_history}
+    summary["precision"] = qm.qat_config["precision"] if cli.qat else \
+        {"dtype": "fp32", "reason": "the PTQ simulation rounds in float32, as the integer model does"}
     atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "metrics.json")
     print(f"{qcfg.name} {qcfg.granularity}: top-1 {100 * metrics['acc_q']:.2f}% (FP32 {100 * metrics['acc_ref']:.2f}%)"
           f", agreement {100 * metrics['agreement']:.2f}%, SNR {metrics['snr_db']:.1f} dB, "

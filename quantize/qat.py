@@ -41,8 +41,9 @@ import torch
 from torch import nn
 
 from mobilenet.data import BatchLoader
-from mobilenet.engine import evaluate, train_one_epoch
+from mobilenet.engine import evaluate, fit_steps_to_budget, train_one_epoch
 from mobilenet.model import MobileNetV2
+from mobilenet.precision import resolve_precision
 from prune.masks import MaskKeeper
 
 from .config import QuantConfig
@@ -50,6 +51,7 @@ from .qmodel import QMobileNet, calibrate, freeze, freeze_bn, prepare, qlayers, 
 
 __all__ = ["QATConfig", "run_qat", "qat_mask_names", "observers_paused", "MIN_BN_BATCH"]
 
+EXACT_QAT = "QAT's fake quantization must round in float32 to equal the integer model"
 MIN_BN_BATCH = 16  # images; below this the batch variance of the 4x4 late layers is too noisy to normalize with
 
 
@@ -63,10 +65,12 @@ class QATConfig:
     freeze_observer_epoch: int = 4       # from this epoch on, scales and zero-points are fixed (torchvision: 4)
     batch_size: int = 64                 # images per step
     max_images_per_epoch: int | None = 10_000   # images per epoch, at least one batch (None: all)
+    budget_minutes: float | None = None  # wall clock for all epochs: steps per epoch fitted to the measured step
     calib_batches: int = 4               # batches of the calibration split seen before training starts
     eval_every: int = 5                  # evaluate on every n-th test image (5: the 2,000-image subset; 0: skip)
     act_observer: str | None = "ema"     # activation observer during QAT (None: keep the QuantConfig's)
-    bf16: bool = False                   # autocast the convolutions to bf16 (inexact, see the module docstring)
+    bf16: bool | None = None             # autocast the convolutions to bf16 (inexact, see the module docstring);
+    #                                      None: FP32 whatever the hardware (mobilenet/precision.py, exact=)
     channels_last: bool = True           # NHWC activations: faster CPU convolutions, same values
     seed: int = 0
 
@@ -83,6 +87,8 @@ class QATConfig:
         if self.batch_size < MIN_BN_BATCH and self.freeze_bn_epoch > 0:
             raise ValueError(f"batch_size={self.batch_size} is too small for batch statistics (QAT diverges); "
                              f"use >= {MIN_BN_BATCH} or freeze_bn_epoch=0")
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise ValueError(f"budget_minutes should be > 0 instead of {self.budget_minutes}")
         if self.max_images_per_epoch is not None and self.max_images_per_epoch < 1:
             raise ValueError(f"max_images_per_epoch should be >= 1 instead of {self.max_images_per_epoch}")
 
@@ -165,6 +171,8 @@ def run_qat(model: MobileNetV2, dataset, qcfg: QuantConfig, qat_cfg: QATConfig |
     torch.manual_seed(c.seed)
     device = torch.device(device)
     layout = dataset.layout
+    prec = resolve_precision(c.bf16, device, exact=EXACT_QAT)
+    log(f"QAT precision: {prec}")
 
     # 1. the simulation with BN kept, and the masks mapped onto it
     qm = prepare(model, qcfg, qat=True).to(device)
@@ -184,6 +192,15 @@ def run_qat(model: MobileNetV2, dataset, qcfg: QuantConfig, qat_cfg: QATConfig |
     n_train = len(dataset.train) if c.max_images_per_epoch is None else min(len(dataset.train),
                                                                              c.max_images_per_epoch)
     steps = max(1, n_train // c.batch_size)
+    budget = None
+    if c.budget_minutes:
+        probe = BatchLoader(dataset.train, c.batch_size, layout, shuffle=True, augment=True, drop_last=True,
+                            seed=c.seed, channels_last=c.channels_last, device=device)
+        evals = c.epochs * len(test) if test is not None else 0
+        budget = fit_steps_to_budget(qm, probe, prec.bf16, c.budget_minutes, c.epochs, evals)
+        steps = min(steps, budget["steps_per_epoch"])
+        log(f"QAT budget {c.budget_minutes:g} min: {budget['step_seconds']:.3f} s per step measured -> "
+            f"{steps} steps per epoch")
     history, t0 = [], time.monotonic()
     for epoch in range(c.epochs):
         # 3. the phase switches, at the start of the epoch (torchvision's convention)
@@ -194,7 +211,7 @@ def run_qat(model: MobileNetV2, dataset, qcfg: QuantConfig, qat_cfg: QATConfig |
         loader = BatchLoader(dataset.train, c.batch_size, layout, shuffle=True, augment=True, drop_last=True,
                              seed=c.seed, channels_last=c.channels_last, device=device)
         loader.set_epoch(epoch)
-        stats = train_one_epoch(qm, loader, opt, None, bf16=c.bf16, max_steps=steps,
+        stats = train_one_epoch(qm, loader, opt, None, bf16=prec.bf16, max_steps=steps,
                                 after_step=keeper.after_step if keeper else None, desc=f"QAT {epoch + 1}/{c.epochs}")
         _check_finite(stats, epoch)
         stats.update(epoch=epoch + 1, seconds=round(time.monotonic() - t0, 1),
@@ -214,5 +231,5 @@ def run_qat(model: MobileNetV2, dataset, qcfg: QuantConfig, qat_cfg: QATConfig |
     if keeper is not None:
         keeper.remove()
     out = to_ptq(qm.to(memory_format=torch.contiguous_format))
-    out.qat_history, out.qat_config = history, c.to_dict()
+    out.qat_history, out.qat_config = history, c.to_dict() | {"precision": prec.to_dict(), "budget": budget}
     return out

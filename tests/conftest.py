@@ -66,3 +66,36 @@ def real_stats_tiny_model(data):
         for x, _ in BatchLoader(data.train, 128):
             m(x)
     return m.eval(), [x for x, _ in BatchLoader(data.calib, 64)]
+
+
+def make_image_tree(root: Path, per_class: tuple[int, int] = (32, 8), size: tuple[int, int] = (40, 48),
+                    seed: int = 0) -> Path:
+    """An ImageFolder tree unlike CIFAR-10: three classes of generated patterns (horizontal stripes, vertical
+    stripes, checkerboard) at a random phase and period, `size` (H, W) pixels, every third image grayscale,
+    PNG and JPEG mixed. `per_class`: (train, test) images per class. Returns `root`."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    patterns = {"checker": lambda p, o: ((yy + o) // p + (xx + o) // p) % 2,
+                "hstripes": lambda p, o: ((yy + o) // p) % 2,
+                "vstripes": lambda p, o: ((xx + o) // p) % 2}
+    k = 0
+    for split, n in zip(("train", "test"), per_class):
+        for name, pattern in patterns.items():
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                period, offset = int(rng.integers(3, 7)), int(rng.integers(0, 8))
+                lo, hi = rng.uniform(0, 90), rng.uniform(160, 255)
+                img = np.where(pattern(period, offset), hi, lo) + rng.normal(0, 12, (h, w))
+                img = np.clip(img, 0, 255).astype(np.uint8)
+                if k % 3:   # colour: the pattern in one channel over a tinted background
+                    tint = rng.uniform(0.4, 1.0, 3)
+                    im = Image.fromarray((img[..., None] * tint).astype(np.uint8), "RGB")
+                else:
+                    im = Image.fromarray(img, "L")
+                im.save(d / f"{i:04d}.{'png' if k % 2 else 'jpg'}")
+                k += 1
+    return root

@@ -16,12 +16,16 @@ from mobilenet.checkpoint import FORMAT, atomic_save
 from conftest import CIFAR_TGZ, tiny_config
 
 
+def CHAIN_ARGS(out):  # tiny budgets: seconds per stage on 2 cores
+    return ["--chain", "--out", str(out), "--width", "0.25", "--train-epochs", "1", "--train-minutes", "0.15",
+            "--finetune-minutes", "0.05", "--sweep-minutes", "0.05", "--sweep-images", "50",
+            "--sweep-global-images", "200", "--eval-images", "200", "--val-images", "50", "--host-runs", "5"]
+
+
 @pytest.fixture(scope="module")
 def chain_dir(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("chain")
-    code = bench_cli.main(["--chain", "--out", str(out), "--width", "0.25", "--train-epochs", "1",
-                           "--train-images", "256", "--finetune-images", "128", "--no-sweep-per-layer",
-                           "--val-images", "50", "--host-runs", "5"])
+    code = bench_cli.main(CHAIN_ARGS(out))
     assert code == 0
     return out
 
@@ -43,13 +47,17 @@ def test_chain_leaves_checkpoint_validated_file_bench_and_report(chain_dir):
     assert "W8A8" in html and "FP32" in html
     pruned = torch.load(chain_dir / "prune" / "pruned.pt", weights_only=False)
     assert pruned["kind"] == "pruned" and pruned["masks"]
+    # every training stage states its budget, what it reached, and its precision
+    stages = {r["stage"]: r for r in json.loads((chain_dir / "stages.json").read_text())}
+    assert stages["baseline training"]["budget_min"] == 0.15 and stages["baseline training"]["images"] > 0
+    assert stages["fine-tuning"]["budget_min"] == 0.05 and stages["fine-tuning"]["images_per_s"] > 0
+    assert stages["per-layer sweep"]["budget_min"] == 0.05
+    assert "Stages: budgets and throughput" in html
 
 
 def test_chain_resumes_without_redoing_finished_steps(chain_dir):
     before = {p: p.stat().st_mtime_ns for p in (chain_dir / "model_w8a8.tflite", chain_dir / "prune" / "pruned.pt")}
-    assert bench_cli.main(["--chain", "--out", str(chain_dir), "--width", "0.25", "--train-epochs", "1",
-                           "--train-images", "256", "--finetune-images", "128", "--no-sweep-per-layer",
-                           "--val-images", "50", "--host-runs", "5"]) == 0
+    assert bench_cli.main(CHAIN_ARGS(chain_dir)) == 0
     assert {p: p.stat().st_mtime_ns for p in before} == before
     steps = json.loads((chain_dir / "chain.json").read_text())["steps"]
     assert all(s.get("skipped") for s in steps if s["step"] != "report")

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torchvision.models import mobilenet_v2
 
 import train
-from conftest import CIFAR_TGZ, REFERENCE_CKPT, ROOT, tiny_config
+from conftest import CIFAR_TGZ, REFERENCE_CKPT, ROOT, make_image_tree, tiny_config
 from mobilenet import atomic_save, build_model, load_checkpoint, load_model
 from mobilenet.data import BatchLoader, Dataset
 from mobilenet.engine import train_one_epoch
+from mobilenet.precision import resolve_precision
 
 # width 0.25, a few 64-image steps per epoch, 250 test images: seconds per epoch on 2 cores
 TINY = ["--width", "0.25", "--batch-size", "64", "--eval-stride", "40"]
@@ -52,21 +53,22 @@ def _same_state(a: dict, b: dict) -> bool:
 def test_training_steps_lower_the_loss(cifar_small):
     torch.manual_seed(0)
     model = build_model(tiny_config())
-    images = cifar_small.train.subset(torch.arange(0, 512, 4))  # 128 real images, all 10 classes
-    x, y = next(iter(BatchLoader(images, 128)))
+    images = cifar_small.train.subset(torch.arange(0, 512, 16))  # 32 real images, all 10 classes
+    x, y = next(iter(BatchLoader(images, 32)))
 
     def loss():  # train mode (batch statistics): eval-mode BN statistics lag behind after a few steps
         with torch.no_grad():
             return F.cross_entropy(model.train()(x), y).item()
     before = loss()
-    # lr 0.02 without warm-up: 0.05 and more make the loss climb for the first ~20 steps (torchvision's model too)
-    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True)
-    loader = BatchLoader(images, 32, shuffle=True, drop_last=True)
-    for epoch in range(5):  # 20 steps over the same 128 images
-        loader.set_epoch(epoch)
+    # 20 full-batch steps memorize the 32 images. The trajectory depends on the CPU's kernels (a 20-step run over
+    # shuffled mini-batches fell 0.6 on one CPU kind and 0.1 on the other), the end point does not: seeds 0-4 on a
+    # 2-core AVX2 EPYC ended at 0.010-0.085 from 2.29-2.32, so < 1.0 leaves a margin of 10x the spread.
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    loader = BatchLoader(images, 32)
+    for _ in range(20):
         train_one_epoch(model, loader, opt, disable_bar=True)
     after = loss()
-    assert after < before - 0.2, (before, after)  # ln(10) = 2.30 at init
+    assert before > 2.0 and after < 1.0, (before, after)  # ln(10) = 2.30 at init
 
 
 def test_main_trains_and_writes_checkpoint(cifar, cache_dir, tmp_path, capsys):
@@ -84,6 +86,33 @@ def test_main_trains_and_writes_checkpoint(cifar, cache_dir, tmp_path, capsys):
     model, _ = load_model(out / "checkpoint.pt")
     assert metrics["final"]["param_sha256"] == train.param_digest(model)
     assert "final test accuracy" in capsys.readouterr().out
+
+
+def test_default_run_learns_an_unseen_grayscale_tree(tmp_path):
+    """Three classes of generated 40x48 patterns, a third grayscale: 30 steps with the default schedule (peak
+    lr 0.2) learn rather than blow up (a 3-step warm-up once took such a run from loss 2.34 to 9.4)."""
+    tree = make_image_tree(tmp_path / "tree")
+    out = tmp_path / "out"
+    assert train.main(["--root", str(tree), "--cache-dir", str(tmp_path / "cache"), "--width", "0.25",
+                       "--batch-size", "16", "--epochs", "5", "--max-train-images", "0", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    losses = [r["train_loss"] for r in m["history"]]
+    assert len(losses) == 5 and m["history"][0]["train_images"] == 96
+    # chance level ln 3 = 1.10; seeds 0-2 on a 2-core AVX2 EPYC ended at 0.544-0.564 after starting at 1.09-1.12
+    assert losses[0] > 0.95 and losses[-1] < 0.85, losses
+    assert m["precision"] == resolve_precision(None, "cpu").to_dict()
+
+
+def test_budget_fits_the_steps_to_the_measured_speed(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(["--source", "random", "--width", "0.25", "--batch-size", "32", "--epochs", "2",
+                       "--budget-minutes", "0.1", "--eval-stride", "64", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    b = m["budget"]
+    assert b["minutes"] == 0.1 and b["step_seconds"] > 0 and b["steps_per_epoch"] >= 1
+    assert [r["train_images"] for r in m["history"]] == [32 * b["steps_per_epoch"]] * 2
+    assert f"-> {b['steps_per_epoch']} steps per epoch" in capsys.readouterr().out
+    assert load_checkpoint(out / "checkpoint.pt")["budget"] == b   # a resumed run keeps the fitted schedule
 
 
 # ---------------------------------------------------------------------------------------------- resume
