@@ -228,12 +228,15 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 def _scheduler(opt, cfg: TrainConfig, total_steps: int):
     peak = opt.param_groups[0]["lr"]
     warm = warmup_steps(cfg, total_steps)
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total_steps >= 4:   # OneCycleLR needs >= 2 steps in each of its phases
+        warm = min(max(warm, 2), total_steps - 2)
         # peak/25 -> peak over the warm-up, cosine down to peak/25/1e4; momentum held at --momentum
         return torch.optim.lr_scheduler.OneCycleLR(opt, peak, total_steps=total_steps,
                                                    pct_start=min(warm / total_steps, 0.99), cycle_momentum=False)
 
     def factor(step):  # multiplier of the peak lr at `step` (0-based)
+        if cfg.schedule == "onecycle":   # fewer than 4 steps: no room for a cycle, stay at its starting rate
+            return 1 / 25
         if step < warm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))

@@ -56,7 +56,7 @@ _KINDS = {
 
 def _run_host_mode(cfg: HostConfig) -> int:
     rows = run_host(cfg)
-    print(format_table(rows, HOST_COLUMNS[:-1]))
+    print(format_table(rows, HOST_COLUMNS[:-2]))
     print(f"# {rows[0]['runtime']} on {host_description()}")
     if cfg.csv:
         write_csv(cfg.csv, rows, HOST_COLUMNS)

@@ -91,7 +91,7 @@ def run_chain(cfg: ChainConfig) -> Path:
         stride = max(1, 10000 // cfg.eval_images) if cfg.eval_images else 1
         args = ["--out", str(out / "baseline"), "--root", cfg.data, "--width", str(cfg.width),
                 "--epochs", str(cfg.train_epochs), "--budget-minutes", str(cfg.train_minutes),
-                "--max-train-images", "0", "--eval-stride", str(stride)]
+                "--max-train-images", "0", "--eval-stride", str(stride), "--eval-every", str(cfg.train_epochs)]
         resume = ["--resume"] if baseline.exists() else []
         _step("train baseline", out / "baseline" / "done", lambda: _train(train, args + resume, out), log)
     elif not baseline.is_file():

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from bench.stats import summarize
+from mobilenet.precision import cpu_summary
 
 __all__ = ["HostConfig", "HOST_COLUMNS", "check_model", "run_host", "runtime_version", "host_description"]
 
@@ -57,7 +58,7 @@ class HostConfig:
 HOST_COLUMNS = [
     "model", "threads", "xnnpack", "runs", "init_ms", "first_ms", "warmup_avg_ms",
     "mean_ms", "median_ms", "p5_ms", "p95_ms", "std_ms", "min_ms", "max_ms",
-    "mem_init_mb", "mem_peak_mb", "runtime",
+    "mem_init_mb", "mem_peak_mb", "runtime", "cpu",
 ]
 
 
@@ -94,7 +95,7 @@ def run_host(cfg: HostConfig) -> list[dict]:
     """Time every (model, threads, xnnpack) of cfg; one row per configuration (ms, MB)."""
     cfg.validate()
     jobs = [(m, t, x) for m in cfg.models for t in cfg.threads for x in cfg.xnnpack]
-    runtime = runtime_version()
+    runtime, cpu = runtime_version(), cpu_summary()
     rows = []
     for model, threads, xnn in tqdm(jobs, desc="host bench", unit="cfg", disable=None):
         r = _run_worker({"model": os.path.abspath(model), "threads": threads, "xnnpack": xnn,
@@ -108,17 +109,12 @@ def run_host(cfg: HostConfig) -> list[dict]:
             "median_ms": ms(st.median_us), "p5_ms": ms(st.p5_us), "p95_ms": ms(st.p95_us),
             "std_ms": ms(st.std_us), "min_ms": ms(st.min_us), "max_ms": ms(st.max_us),
             "mem_init_mb": round(r["mem_init_mb"], 3), "mem_peak_mb": round(r["mem_peak_mb"], 3),
-            "runtime": runtime,
+            "runtime": runtime, "cpu": cpu,
         })
     return rows
 
 
 def host_description() -> str:
-    """CPU model and core count, for the config saved beside a result."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    """CPU model, the instruction sets that decide int8 speed (VNNI) and core count, for every printed figure
+    and the config saved beside a result."""
+    return f"{cpu_summary()}, {os.cpu_count()} cores, Python {platform.python_version()}"

@@ -45,7 +45,8 @@ def footer_text(meta: dict | None, source: str = "") -> str:
     sha = (meta.get("checkpoint_sha256") or "")[:10]
     commit = (meta.get("commit") or "unknown")[:10] + ("+dirty" if meta.get("commit_dirty") else "")
     m = meta.get("machine") or {}
-    machine = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores" if isinstance(m, dict) else str(m)
+    isa = f" ({m['isa']})" if isinstance(m, dict) and m.get("isa") else ""
+    machine = f"{m.get('cpu', '?')}{isa}, {m.get('cores', '?')} cores" if isinstance(m, dict) else str(m)
     parts = [f"command: {meta.get('command', '?')}", f"checkpoint: {ck}" + (f" (sha256 {sha})" if sha else ""),
              f"data: {meta['eval_subset']}" if meta.get("eval_subset") else "", f"commit {commit}",
              f"machine: {machine}", str(meta.get("date") or "")]

@@ -63,7 +63,7 @@ def _provenance(meta: dict | None, matrix: Path) -> list:
         return [("warn", f"Provenance not recorded: {matrix.parent / 'meta.json'} is missing, so the command, "
                          "checkpoint, commit and machine behind these numbers are unknown.")]
     m = meta.get("machine") or {}
-    machine = ", ".join(x for x in (m.get("cpu"), f"{m['cores']} cores" if m.get("cores") else None,
+    machine = ", ".join(x for x in (m.get("cpu"), m.get("isa"), f"{m['cores']} cores" if m.get("cores") else None,
                                     f"{m['usable_cores']} usable" if m.get("usable_cores") else None,
                                     m.get("system")) if x) if isinstance(m, dict) else str(m)
     v = meta.get("versions") or {}

@@ -24,27 +24,29 @@ class TrainingDiverged(ValueError):
 
 
 class DivergenceGuard:
-    """Stops a run whose loss is not finite, or whose smoothed loss climbs far above chance level.
+    """Stops a run whose loss is not finite, or whose smoothed loss climbs far above where it could be.
 
-    Chance level is ln(classes) (the cross-entropy of a uniform guess; label smoothing keeps it there). A
-    healthy run starts near it and falls; the limit is max(2 ln C, ln C + 2), i.e. 4.6 for 10 classes, which
-    a run that is merely noisy does not reach but one that blew up does (a 3-step warm-up to lr 0.2 on a
-    small grayscale set went 2.34 -> 9.4). The loss is smoothed over ~10 steps (EMA 0.1) so one bad batch
-    does not stop a run.
+    Chance level is ln(classes) (the cross-entropy of a uniform guess; label smoothing keeps it there). A fresh
+    run starts near it and falls; a fine-tune of a damaged (e.g. freshly pruned) model may start above it and
+    falls too. The limit is max(2 ln C, ln C + 2, 1.5x the first loss): 4.6 for a fresh 10-class run, which a
+    noisy run does not reach but one that blew up does (a 3-step warm-up to lr 0.2 on a small grayscale set
+    went 2.34 -> 9.4). The loss is smoothed over ~10 steps (EMA 0.1) so one bad batch does not stop a run.
     """
 
     def __init__(self, lr_hint: str = "lower --lr or lengthen --warmup"):
         self.ema: float | None = None
+        self.first: float | None = None
         self.step = 0
         self.lr_hint = lr_hint
 
     def check(self, loss: float, classes: int):
         self.step += 1
         chance = math.log(max(classes, 2))
-        limit = max(2 * chance, chance + 2)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training diverged at step {self.step}: the loss is {loss} ({self.lr_hint}); "
                                    f"nothing was saved for this epoch")
+        self.first = loss if self.first is None else self.first
+        limit = max(2 * chance, chance + 2, 1.5 * self.first)
         self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
         if self.ema > limit:
             raise TrainingDiverged(f"training diverged at step {self.step}: smoothed loss {self.ema:.2f} is above "
@@ -118,9 +120,11 @@ def evaluate(model: nn.Module, split: Split, layout: str = "cifar", **kw) -> dic
     return {"acc": (logits.argmax(1) == split.labels).float().mean().item(), "n": len(split)}
 
 
-def measure_step_seconds(model: nn.Module, loader: BatchLoader, bf16: bool, probe_steps: int = 3) -> float:
-    """Seconds per optimizer step of `model` on `loader`'s batches, timed on a throw-away copy (the model, its
-    optimizer state and every RNG stay untouched). The first step warms the allocator and is not counted."""
+def measure_step_seconds(model: nn.Module, loader: BatchLoader, bf16: bool, probe_steps: int = 2,
+                         warmup: int = 1) -> float:
+    """Median seconds per optimizer step of `model` on `loader`'s batches, timed on a throw-away copy (the model,
+    its optimizer state and every RNG stay untouched). The first `warmup` steps are not counted: oneDNN builds
+    its kernels there, and it ran up to 20x slower than later steps on a 2-core CPU."""
     probe = copy.deepcopy(model).train()
     opt = torch.optim.SGD(probe.parameters(), lr=1e-6, momentum=0.9)
     times = []
@@ -135,18 +139,18 @@ def measure_step_seconds(model: nn.Module, loader: BatchLoader, bf16: bool, prob
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
             times.append(time.perf_counter() - t0)
-            if i + 1 >= probe_steps + 1:
+            if i + 1 >= probe_steps + warmup:
                 break
     del probe, opt
-    return statistics.median(times[1:]) if len(times) > 1 else times[0]
+    return statistics.median(times[warmup:]) if len(times) > warmup else times[-1]
 
 
 def budget_steps(step_seconds: float, batch_size: int, minutes: float, epochs: int, eval_images: int = 0) -> int:
     """Optimizer steps per epoch such that `epochs` epochs of `step_seconds` steps, forward passes over
-    `eval_images` images in all (a forward pass costs about a third of a training step) and the 4 probe steps fit
+    `eval_images` images in all (a forward pass costs about a third of a training step) and the 3 probe steps fit
     in 95 % of `minutes`; at least 1."""
     eval_s = eval_images * step_seconds / batch_size / 3
-    usable = 60 * minutes * 0.95 - eval_s - 4 * step_seconds
+    usable = 60 * minutes * 0.95 - eval_s - 3 * step_seconds
     return max(1, int(usable / step_seconds) // max(epochs, 1))
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Precision", "resolve_precision", "cpu_flags", "cpu_isa", "native_bf16"]
+__all__ = ["Precision", "resolve_precision", "cpu_flags", "cpu_isa", "cpu_name", "cpu_summary", "native_bf16"]
 
 # /proc/cpuinfo flags that mean a native bf16 dot product on x86
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -77,6 +77,22 @@ def cpu_isa(flags: frozenset[str] | None = None) -> str:
     if "amx_tile" in flags:
         parts.append("AMX")
     return ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name, e.g. 'AMD EPYC'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_summary() -> str:
+    """What every speed figure names: the CPU and the instruction sets that decide its int8 and bf16 speed,
+    e.g. 'AMD EPYC (AVX2)' or 'AMD EPYC (AVX-512 VNNI, bf16)'."""
+    return f"{cpu_name()} ({cpu_isa()})"
 
 
 def native_bf16(device: torch.device | str) -> tuple[bool, str]:

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
+from .precision import cpu_isa, cpu_name
 
 __all__ = ["collect_meta", "write_meta", "read_meta", "command_line"]
 
@@ -39,14 +40,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _version(dist: str) -> str | None:
@@ -76,7 +69,7 @@ def collect_meta(command: str, checkpoint, eval_subset: str = "", seed: int | No
         "checkpoint_sha256": _sha256(Path(checkpoint)),
         "commit": commit,
         "commit_dirty": bool(dirty) if dirty is not None else None,   # tracked files changed since the commit
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+        "machine": {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
                     "system": f"{platform.system()} {platform.release()}"},
         "versions": {"python": platform.python_version(), "torch": _version("torch"),
                      "ai_edge_litert": _version("ai-edge-litert"), "litert_torch": _version("litert-torch"),

@@ -9,6 +9,7 @@ import pytest
 
 from bench.__main__ import main
 from bench.host import HOST_COLUMNS
+from mobilenet.precision import cpu_summary
 from bench.parse import parse_benchmark_output
 from bench.stats import summarize
 from tests.bench_fixtures import standin_binary, tiny_models  # noqa: F401 (fixtures)
@@ -39,7 +40,8 @@ def test_table_and_csv(tiny_models, tmp_path, capsys):
     assert [(r["threads"], r["xnnpack"]) for r in rows[:4]] == [("1", "on"), ("1", "off"), ("2", "on"), ("2", "off")]
     assert len(rows) == 8 and {r["model"] for r in rows} == {str(p) for p in tiny_models.values()}
     for r in rows:
-        v = {k: float(r[k]) for k in HOST_COLUMNS[4:-1]}
+        v = {k: float(r[k]) for k in HOST_COLUMNS[4:-2]}
+        assert r["cpu"] == cpu_summary() and r["cpu"].endswith(")")   # e.g. "AMD EPYC (AVX2)"
         assert r["runs"] == "30"
         assert 0 < v["min_ms"] <= v["p5_ms"] <= v["median_ms"] <= v["p95_ms"] <= v["max_ms"]
         assert v["init_ms"] > 0 and v["first_ms"] > 0 and v["std_ms"] >= 0
