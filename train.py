@@ -35,6 +35,7 @@ from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, SOURCES, BatchLoader, Da
 from mobilenet.engine import DivergenceGuard, evaluate, fit_steps_to_budget, train_one_epoch
 from mobilenet.model import LAYOUTS
 from mobilenet.precision import resolve_precision
+from mobilenet.runs import record
 
 __all__ = ["TrainConfig", "build_parser", "main", "train", "param_digest"]
 
@@ -66,10 +67,11 @@ class TrainConfig:
     cache_dir: str = _f(DEFAULT_CACHE, "where archives are unpacked and decoded images kept")
     download: bool = _f(False, "cifar-batches: fetch CIFAR-10 with torchvision if missing (needs a network)")
     calib_size: int = _f(1000, "images in the fixed calibration split drawn from train (for quantization)")
-    max_train_images: int = _f(16000, "training images per epoch, a fresh random subset each epoch; 0 = all")
+    max_train_images: int = _f(0, "training images per epoch at most, a fresh random subset each epoch; 0 = all")
     max_steps_per_epoch: int = _f(0, "optimizer steps per epoch at most; 0 = no cap")
-    budget_minutes: float = _f(0.0, "wall-clock minutes for all epochs: the steps per epoch are fitted to the step "
-                                    "time measured at the start, so a slower machine trains on fewer images; 0 = none")
+    budget_minutes: float = _f(6.0, "wall-clock minutes for all epochs: the steps per epoch are fitted to the step "
+                                    "time measured at the start, so a slower machine trains on fewer images; "
+                                    "0 = none (every image of every epoch)")
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
     eval_stride: int = _f(5, "evaluate on every k-th test image, a class-stratified subset; 1 = all")
     # optimization
@@ -428,6 +430,7 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 atomic_save(checkpoint(0), out / "checkpoint.pt")
         final.update(test_acc=last["test_acc"], test_images=last["test_images"])
         write_metrics({"final": final})
+        record("baseline", out / "checkpoint.pt")
         say(f"final test accuracy {100 * final['test_acc']:.2f}% on {final['test_images']} images; "
             f"{out / 'checkpoint.pt'} ({final['wall_seconds']:.0f} s)")
 
@@ -443,6 +446,7 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 raise ValueError(f"--prune needs prune/pipeline.py, which cannot be imported ({e})") from e
             final["prune"] = run_prune_pipeline(model, ds, cfg, out, device)
             write_metrics({"final": final})
+            record("pruned", out / "pruned.pt")
     if world > 1:
         dist.destroy_process_group()
     return final

@@ -25,6 +25,7 @@ from bench.chain import ChainConfig, run_chain
 from bench.matrix import MatrixConfig, run_matrix
 from bench.report import format_table, write_csv, write_json
 from bench.study_report import ReportConfig, run_report
+from mobilenet.runs import find_input
 
 __all__ = ["MODES", "build_parser", "main"]
 
@@ -54,7 +55,14 @@ _KINDS = {
 }
 
 
+def _latest_model(cfg) -> None:
+    """No model named: the latest validated .tflite that python -m quantize (or export) recorded."""
+    if not cfg.models:
+        cfg.models = [str(find_input(("tflite",), "MODEL.tflite"))]
+
+
 def _run_host_mode(cfg: HostConfig) -> int:
+    _latest_model(cfg)
     rows = run_host(cfg)
     print(format_table(rows, HOST_COLUMNS[:-2]))
     print(f"# {rows[0]['runtime']} on {host_description()}")
@@ -66,6 +74,7 @@ def _run_host_mode(cfg: HostConfig) -> int:
 
 
 def _run_device_mode(cfg: DeviceConfig) -> int:
+    _latest_model(cfg)
     log_dir = os.path.splitext(cfg.csv)[0] + "_logs" if cfg.csv else None
     rows = run_device(cfg, log_dir=log_dir)
     print(format_table(rows, DEVICE_COLUMNS[:-1]))

@@ -12,6 +12,7 @@ import sys
 
 from mobilenet.checkpoint import CheckpointError
 from mobilenet.data import DataError
+from mobilenet.runs import record
 
 from .convert import ExportError
 from .pipeline import ExportConfig, run_export
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     except (ExportError, CheckpointError, DataError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
+    record("tflite", report["file"], validated=report["validation"]["passed"])
     v = report["validation"]["runs"]
     fs = report["file_summary"]
     print(f"wrote {report['file']} ({fs['size_bytes']:,} bytes, gzip {fs['gzip_bytes']:,}) as "

@@ -19,6 +19,7 @@ import torch
 from mobilenet.checkpoint import CheckpointError, load_model
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, DataError, load_dataset
 from mobilenet.provenance import collect_meta, command_line, write_meta
+from mobilenet.runs import find_input, record
 
 from .config import PruneConfig
 from .masks import match_layers, prunable_layers, select_layers
@@ -30,7 +31,8 @@ __all__ = ["CliConfig", "build_parser", "main"]
 @dataclass
 class CliConfig:
     checkpoint: str = field(default="", metadata={"help": "model to prune: our checkpoint or a torchvision "
-                                                          "mobilenet_v2 state_dict (required)"})
+                                                          "mobilenet_v2 state_dict (default: the latest baseline "
+                                                          "recorded in runs/latest.json)"})
     out: str = field(default="runs/prune", metadata={"help": "output directory"})
     sweep_only: bool = field(default=False, metadata={"help": "run the sensitivity sweep and stop"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
@@ -73,7 +75,7 @@ def _split_args(ns: argparse.Namespace) -> tuple[CliConfig, PruneConfig]:
     cli = CliConfig(**{f.name: d[f.name] for f in fields(CliConfig)})
     cfg = PruneConfig(**{f.name: d[f.name] for f in fields(PruneConfig)})
     if not cli.checkpoint:
-        raise ValueError("--checkpoint is required (our checkpoint or a torchvision state_dict)")
+        cli.checkpoint = str(find_input(("baseline",), "--checkpoint"))
     if cli.train_images < 0:
         raise ValueError(f"--train-images should be >= 0, not {cli.train_images}")
     if cli.threads < 0:
@@ -106,6 +108,7 @@ def main(argv=None) -> int:
             run_sweeps(model, ds, cfg, cli.out, cli.device)
         else:
             run_prune_pipeline(model, ds, cli, cli.out, cli.device, cfg=cfg, source=cli.checkpoint)
+            record("pruned", Path(cli.out) / "pruned.pt")
     except (ValueError, CheckpointError, DataError) as e:   # user errors: one clear line, non-zero exit
         print(f"python -m prune: error: {e}", file=sys.stderr)
         return 2

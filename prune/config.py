@@ -59,7 +59,7 @@ class PruneConfig:
         "help": "comma-separated fnmatch patterns restricting the per-layer sweep (default: every layer)"})
     sweep_images: int = field(default=500, metadata={
         "help": "test images per per-layer sweep evaluation (evenly spaced, stratified); 0 = all"})
-    sweep_minutes: float = field(default=0.0, metadata={
+    sweep_minutes: float = field(default=1.5, metadata={
         "help": "wall-clock cap on the per-layer sweep in minutes (it runs ratio by ratio, so every layer is "
                 "tried at the first ratios; the trials skipped are reported); 0 = none"})
     sweep_global_images: int = field(default=2000, metadata={
@@ -76,8 +76,8 @@ class PruneConfig:
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay (L2)"})
     images_per_epoch: int = field(default=0, metadata={
         "help": "cap on training images per fine-tuning epoch (a fresh random subset each epoch); 0 = all"})
-    budget_minutes: float = field(default=0.0, metadata={
-        "help": "wall-clock cap on fine-tuning in minutes; 0 = none"})
+    budget_minutes: float = field(default=4.0, metadata={
+        "help": "wall-clock cap on fine-tuning in minutes (the cosine follows the time used); 0 = none"})
     gradual: bool = field(default=False, metadata={
         "help": "ramp sparsity up cubically during fine-tuning (Zhu & Gupta 2017) instead of one shot"})
     gradual_end: float = field(default=0.75, metadata={

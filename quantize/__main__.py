@@ -1,5 +1,7 @@
-"""`python -m quantize`: quantize a float (or pruned) checkpoint, evaluate it against FP32, save both.
+"""`python -m quantize`: quantize a float (or pruned) checkpoint, evaluate it against FP32, save both, and
+export the validated .tflite.
 
+    python -m quantize --qat                   # the latest pruned (else baseline) model of runs/latest.json
     python -m quantize --checkpoint ../shared/models/cifar10_mobilenetv2_w1.0.pt --config W8A8 --out runs/w8a8
     python -m quantize --checkpoint CKPT --config W8A8 --granularity per-tensor --cle --bias-correction
     python -m quantize --checkpoint CKPT --config W4A8 --adaround --adaround-iters 300
@@ -7,8 +9,10 @@
     python -m quantize --checkpoint CKPT --matrix --out runs/quant_matrix
 
 Writes out/quantized.pt (see quantize.io), out/metrics.json (FP32 vs quantized on a stratified test subset:
-every (10000 / eval_size)-th image) and out/quantize_config.json; --matrix writes out/matrix.csv (one row per
-configuration, resumable) and out/matrix_snr.png instead.
+every (10000 / eval_size)-th image), out/quantize_config.json and, unless --no-export, out/model_<config>.tflite
+validated against the integer simulation (python -m export's pipeline) with its report beside it; both are
+recorded in runs/latest.json for `python -m bench`. --matrix writes out/matrix.csv (one row per configuration,
+resumable) and out/matrix_snr.png instead.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 from mobilenet.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, DataError, Split, load_dataset
 from mobilenet.engine import predict
+from mobilenet.runs import find_input, record
 
 from .config import RECIPES, QuantConfig, recipe
 from .io import require_float_checkpoint, save_quantized
@@ -35,7 +40,9 @@ __all__ = ["CliConfig", "build_parser", "main", "eval_subset", "quant_config_fro
 
 @dataclass
 class CliConfig:
-    checkpoint: str = field(default="", metadata={"help": "float or pruned checkpoint, or a torchvision state_dict"})
+    checkpoint: str = field(default="", metadata={
+        "help": "float or pruned checkpoint, or a torchvision state_dict (default: the latest pruned, else "
+                "baseline, model recorded in runs/latest.json)"})
     config: str = field(default="W8A8", metadata={"help": f"recipe: {' | '.join(RECIPES)}"})
     granularity: str = field(default="per-channel", metadata={"help": "of the weights: per-channel | per-tensor"})
     calib: str = field(default="real", metadata={"help": "calibration data: real (training images) | random"})
@@ -58,8 +65,11 @@ class CliConfig:
     freeze_bn_epoch: int | None = field(default=None, metadata={"help": "QAT: epoch from which BN stats freeze"})
     freeze_observer_epoch: int | None = field(default=None, metadata={"help": "QAT: epoch from which ranges freeze"})
     qat_images: int | None = field(default=None, metadata={"help": "QAT: training images per epoch"})
-    qat_minutes: float | None = field(default=None, metadata={
-        "help": "QAT: wall-clock minutes for all epochs; the steps are fitted to the measured step time"})
+    qat_minutes: float = field(default=6.0, metadata={
+        "help": "QAT: wall-clock minutes for all epochs, the steps fitted to the measured step time; 0 = none"})
+    export: bool = field(default=True, metadata={
+        "help": "end by exporting the validated .tflite (out/model_<config>.tflite); --no-export skips it"})
+    val_images: int = field(default=1000, metadata={"help": "test images in the export validation"})
     bf16: bool | None = field(default=None, metadata={
         "help": "QAT: bf16 autocast (then no longer bit-exact with the integer model); default: FP32"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
@@ -131,17 +141,16 @@ def quantize_one(model, ds, qcfg: QuantConfig, cli: CliConfig, masks: dict | Non
     if not cli.qat:
         return run_ptq(model, ds, qcfg, device=cli.device, opt_images=cli.opt_images, progress=cli.progress)
     from .qat import QATConfig, run_qat  # only QAT needs it; PTQ runs without the module
-    qat_cfg = QATConfig(**{QAT_FIELDS[k]: getattr(cli, k) for k in QAT_FIELDS if getattr(cli, k) is not None})
-    if masks is not None:
-        return run_qat(model, ds, qcfg, qat_cfg, cli.device, masks=masks)
-    return run_qat(model, ds, qcfg, qat_cfg, cli.device)
+    given = {k: getattr(cli, k) for k in QAT_FIELDS if getattr(cli, k) is not None}
+    if given.get("qat_minutes") == 0:   # 0 = no budget: the epochs and images per epoch decide
+        del given["qat_minutes"]
+    qat_cfg = QATConfig(**{QAT_FIELDS[k]: v for k, v in given.items()})
+    return run_qat(model, ds, qcfg, qat_cfg, cli.device, masks=masks)
 
 
 def _parse(argv) -> CliConfig:
     ns = build_parser().parse_args(argv)
     cli = CliConfig(**vars(ns))
-    if not cli.checkpoint:
-        raise ValueError("--checkpoint is required (a float or pruned checkpoint, or a torchvision state_dict)")
     if cli.threads < 0:
         raise ValueError(f"--threads should be >= 0, not {cli.threads}")
     if cli.opt_images < 1:
@@ -154,6 +163,8 @@ def _parse(argv) -> CliConfig:
 def run(cli: CliConfig) -> dict:
     out = Path(cli.out)
     qcfg = quant_config_from(cli) if not cli.matrix else None      # bad options fail before the slow loads
+    if not cli.checkpoint:
+        cli.checkpoint = str(find_input(("pruned", "baseline"), "--checkpoint"))
     ckpt = load_checkpoint(cli.checkpoint)
     require_float_checkpoint(ckpt, cli.checkpoint)
     model, ckpt = load_model(ckpt)
@@ -185,10 +196,27 @@ def run(cli: CliConfig) -> dict:
     summary["precision"] = qm.qat_config["precision"] if cli.qat else \
         {"dtype": "fp32", "reason": "the PTQ simulation rounds in float32, as the integer model does"}
     atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "metrics.json")
+    record("quantized", out / "quantized.pt")
     print(f"{qcfg.name} {qcfg.granularity}: top-1 {100 * metrics['acc_q']:.2f}% (FP32 {100 * metrics['acc_ref']:.2f}%)"
           f", agreement {100 * metrics['agreement']:.2f}%, SNR {metrics['snr_db']:.1f} dB, "
           f"{metrics['weight_bytes'] / 1e6:.2f} MB weights -> {out}")
+    if cli.export:
+        summary["export"] = _export(cli, qcfg, out)
     return summary
+
+
+def _export(cli: CliConfig, qcfg: QuantConfig, out: Path) -> dict:
+    """The validated .tflite of out/quantized.pt, through python -m export's own pipeline (the CLI is where the
+    design card's flow goes on from quantize to export; the library packages keep their one-way imports)."""
+    from export.pipeline import ExportConfig, run_export
+    tflite = out / f"model_{qcfg.name.lower()}.tflite"
+    data = "random" if cli.data_source == "random" else cli.data
+    report = run_export(ExportConfig(checkpoint=str(out / "quantized.pt"), out=str(tflite), data=data,
+                                     val_images=cli.val_images))
+    record("tflite", tflite, validated=report["validation"]["passed"], config=qcfg.name)
+    print(f"exported {tflite} ({report['file_summary']['size_bytes']:,} bytes), validated against the integer "
+          f"simulation on {cli.val_images} test images")
+    return {"file": str(tflite), "passed": report["validation"]["passed"]}
 
 
 def _short_report(report: dict) -> dict:

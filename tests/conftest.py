@@ -15,6 +15,12 @@ REFERENCE_CKPT = SHARED / "models" / "cifar10_mobilenetv2_w1.0.pt"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _own_runs_dir(tmp_path, monkeypatch):
+    """Each test records its models in a runs/latest.json of its own, never in the checkout's runs/."""
+    monkeypatch.setenv("MNV2_RUNS", str(tmp_path / "runs"))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One unpack/decoding cache for the whole session (set MNV2_CACHE to reuse one across sessions)."""

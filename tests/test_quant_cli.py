@@ -5,8 +5,6 @@ source (512 images per split), tiny calibration and evaluation sets.
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -14,13 +12,14 @@ import torch
 import quantize.matrix as matrix_mod
 from conftest import tiny_config
 from mobilenet import atomic_save, build_model
+from mobilenet.runs import latest
 from quantize import recipe
 from quantize.__main__ import eval_subset, main, quant_config_from, CliConfig
 from quantize.io import load_quantized
 from quantize.matrix import matrix_rows, read_rows, row_id
 
 FAST = ["--data-source", "random", "--calib-size", "32", "--eval-size", "64", "--opt-images", "16",
-        "--no-progress"]
+        "--no-progress", "--no-export"]
 
 
 @pytest.fixture
@@ -77,7 +76,8 @@ def test_user_errors_exit_2_and_write_nothing(ckpt, tmp_path, capsys, args, mess
 
 def test_checkpoint_errors(ckpt, tmp_path, capsys):
     assert main(["--out", str(tmp_path / "o")] + FAST) == 2
-    assert "--checkpoint is required" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no --checkpoint given" in err and "run `python train.py` first" in err
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")] + FAST) == 2
     assert "not found" in capsys.readouterr().err
     out = tmp_path / "q"
@@ -95,27 +95,24 @@ def test_eval_subset_is_every_kth():
     assert len(eval_subset(split, 10000)) == 10000
 
 
-def test_qat_flags_reach_run_qat(ckpt, tmp_path, monkeypatch):
-    """--qat imports quantize.qat lazily and maps the flags onto its QATConfig (a stand-in module here)."""
-    seen = {}
-
-    class QATConfig:
-        def __init__(self, **kw):
-            seen["qat_cfg"] = kw
-
-    def run_qat(model, dataset, qcfg, qat_cfg, device):
-        from quantize.ptq import run_ptq
-        seen["qcfg"] = qcfg.name
-        return run_ptq(model, dataset, qcfg, progress=False)
-
-    monkeypatch.setitem(sys.modules, "quantize.qat", types.SimpleNamespace(QATConfig=QATConfig, run_qat=run_qat))
+def test_qat_flags_reach_qat_and_the_file_is_exported(ckpt, tmp_path, capsys):
+    """--qat runs quantize.qat with the flags mapped onto its QATConfig, then exports the validated .tflite and
+    records both for the next command (the design card's `python -m quantize --qat`)."""
     out = tmp_path / "qat"
     assert main(["--checkpoint", str(ckpt), "--config", "W8A8", "--qat", "--epochs", "2", "--qat-lr", "0.001",
-                 "--freeze-bn-epoch", "1", "--freeze-observer-epoch", "1", "--qat-images", "64", "--out", str(out)]
-                + FAST) == 0
-    assert seen["qat_cfg"] == {"epochs": 2, "lr": 0.001, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1,
-                               "max_images_per_epoch": 64}
+                 "--freeze-bn-epoch", "1", "--freeze-observer-epoch", "1", "--qat-images", "64", "--qat-minutes", "0",
+                 "--val-images", "8", "--out", str(out)] + [a for a in FAST if a != "--no-export"]) == 0
+    qat = json.loads((out / "metrics.json").read_text())["qat"]
+    c = qat["config"]
+    assert (c["epochs"], c["lr"], c["freeze_bn_epoch"], c["freeze_observer_epoch"], c["max_images_per_epoch"],
+            c["budget"]) == (2, 0.001, 1, 1, 64, None)
+    assert c["precision"]["dtype"] == "fp32" or c["bf16"] is True       # QAT stays float32 unless forced
+    assert [h["epoch"] for h in qat["history"]] == [1, 2] and [h["bn_frozen"] for h in qat["history"]] == [False, True]
     assert load_quantized(out / "quantized.pt")[1]["qat"] is True
+    rep = json.loads((out / "model_w8a8.tflite.json").read_text())
+    assert rep["validation"]["passed"] and rep["validation"]["runs"]["xnnpack"]["max_lsb"] == 0
+    assert latest("quantized") == (out / "quantized.pt").resolve()
+    assert latest("tflite") == (out / "model_w8a8.tflite").resolve()
 
 
 def test_matrix_rows_cover_the_study():
