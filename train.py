@@ -35,14 +35,15 @@ from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, SOURCES, BatchLoader, Da
 from mobilenet.engine import DivergenceGuard, evaluate, fit_steps_to_budget, train_one_epoch
 from mobilenet.model import LAYOUTS
 from mobilenet.precision import resolve_precision
-from mobilenet.runs import record
+from mobilenet.runs import record, runs_dir
 
 __all__ = ["TrainConfig", "build_parser", "main", "train", "param_digest"]
 
 SCHEDULES = ("onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 # Fields that may differ on --resume: where things live and what runs after the baseline, not how it trains.
-RESUME_MAY_CHANGE = ("device", "out", "resume", "root", "cache_dir", "download", "prune", "prune_structured")
+RESUME_MAY_CHANGE = ("device", "out", "resume", "root", "cache_dir", "download", "prune", "prune_structured",
+                     "prune_sweep_minutes", "prune_budget_minutes")
 # A warm-up of a few steps to a peak of 0.2 blows a fresh network up (a 3-step warm-up on a small grayscale set
 # went from loss 2.34 to 9.4); at least this many steps (or half the run, if shorter) rise to the peak.
 MIN_WARMUP_STEPS = 50
@@ -92,14 +93,19 @@ class TrainConfig:
     channels_last: bool = _f(True, "NHWC memory format (faster convolutions on CPU and GPU)")
     device: str = _f("auto", "cpu | cuda | auto (cuda when available)")
     seed: int = _f(0, "seed of weight init, shuffling, augmentation and dropout")
-    out: str = _f("runs/baseline", "output directory for checkpoint.pt and metrics.json")
+    out: str = _f("", "output directory for checkpoint.pt and metrics.json (default: runs/baseline, under "
+                     "$MNV2_RUNS when set)")
     init: str = _f("", "start from this checkpoint: ours, or a torchvision mobilenet_v2 state_dict")
     resume: bool = _f(False, "continue the run saved in <out>/checkpoint.pt")
     # after the baseline (prune/pipeline.py)
     prune: str = _f("", "unstructured pruning to sparsity RATIO in (0, 1), or auto")
     prune_structured: float = _f(0.0, "structured pruning: fraction of expansion channels to remove, in [0, 1)")
+    prune_sweep_minutes: float = _f(1.5, "with --prune: minutes for the per-layer sensitivity sweep; 0 = no cap")
+    prune_budget_minutes: float = _f(4.0, "with --prune: minutes for fine-tuning the pruned model; 0 = no cap")
 
     def __post_init__(self):
+        self.out = self.out or str(runs_dir() / "baseline")
+
         def bad(flag, value, want):
             raise ValueError(f"--{flag} should be {want} instead of {value!r}")
         for name, choices in (("layout", LAYOUTS), ("source", SOURCES), ("schedule", SCHEDULES), ("device", DEVICES)):
@@ -108,7 +114,8 @@ class TrainConfig:
         # (field, test, wanted): every range check names the flag and the value it got
         ranges = [(n, lambda v: v >= 0, ">= 0") for n in ("epochs", "classes", "max_train_images",
                                                           "max_steps_per_epoch", "calib_size", "weight_decay",
-                                                          "budget_minutes")]
+                                                          "budget_minutes", "prune_sweep_minutes",
+                                                          "prune_budget_minutes")]
         ranges += [(n, lambda v: v >= 1, ">= 1") for n in ("batch_size", "eval_every", "eval_stride")]
         ranges += [(n, lambda v: v > 0, "> 0") for n in ("width", "lr")]
         ranges += [(n, lambda v: 0 <= v < 1, "in [0, 1)") for n in ("dropout", "label_smoothing", "prune_structured")]
@@ -375,7 +382,7 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
                 "precision": prec.to_dict()}
 
     def write_metrics(extra=None):
-        doc = {"config": asdict(cfg), "model_config": mcfg.to_dict(), "precision": prec.to_dict(),
+        doc = {"config": asdict(cfg), "model_config": mcfg.to_dict(), "data": ds.describe(), "precision": prec.to_dict(),
                "budget": budget, "history": history, **(extra or {})}
         atomic_write_text(json.dumps(doc, indent=2, default=str) + "\n", out / "metrics.json")
 
@@ -460,7 +467,7 @@ def _config_for(given: dict) -> tuple[TrainConfig, dict | None]:
         return TrainConfig(**given), None
     if given.get("init"):
         raise ValueError("--init and --resume exclude each other: --resume continues from <out>/checkpoint.pt")
-    path = Path(given.get("out", TrainConfig.out)) / "checkpoint.pt"
+    path = Path(given.get("out") or runs_dir() / "baseline") / "checkpoint.pt"
     if not path.is_file():
         raise ValueError(f"--resume: no checkpoint to resume at {path}")
     ckpt = load_checkpoint(path)

@@ -209,6 +209,8 @@ def _report(cfg, ckpt_path, digest, ckpt, qcfg, qm, kind, notes, data, validatio
                         "int16": "int16 symmetric, STATIC per-tensor ranges calibrated at export "
                                  f"({cfg.calib_images} calibration images, min/max); the checkpoint's simulation "
                                  f"is {qcfg.act_mode}; validated against the static int16 simulation"}[kind],
+        "validation_data": {"root": cfg.data if cfg.data == "random" else str(Path(cfg.data).resolve()),
+                            "split": "test", "images": cfg.val_images},
         "file_summary": file_summary(data),
         "weights": zero_weights(data, qm),
         "validation": validation,

@@ -78,10 +78,23 @@ class Dataset:
     classes: tuple[str, ...]
     layout: str
     source: str
+    root: str = ""          # where the images came from ("" for the random source)
 
     @property
     def mean_std(self):
         return MEAN_STD[self.layout]
+
+    def check_classes(self, num_classes: int, model: str) -> None:
+        """A model must score every class of the data it is evaluated on (class names and count come from the
+        data); DataError names both counts."""
+        if num_classes != len(self.classes):
+            raise DataError(f"{model} has {num_classes} classes but the data ({self.root or self.source}) has "
+                            f"{len(self.classes)} ({', '.join(self.classes[:5])}{', ...' if len(self.classes) > 5 else ''})")
+
+    def describe(self) -> dict:
+        """What every step's report records about its data."""
+        return {"source": self.source, "root": self.root, "classes": list(self.classes), "layout": self.layout,
+                "train_images": len(self.train), "test_images": len(self.test)}
 
 
 def normalize(images: torch.Tensor, layout: str = "cifar") -> torch.Tensor:
@@ -294,4 +307,5 @@ def load_dataset(cfg: DataConfig | None = None, **kwargs) -> Dataset:
     g = torch.Generator().manual_seed(cfg.seed)
     n_calib = min(cfg.calib_size, len(train))
     calib = train.subset(torch.randperm(len(train), generator=g)[:n_calib])  # from train, never from test
-    return Dataset(train, test, calib, classes, cfg.layout, cfg.source)
+    return Dataset(train, test, calib, classes, cfg.layout, cfg.source,
+                   "" if cfg.source == "random" else str(Path(cfg.root).resolve()))

@@ -19,7 +19,7 @@ import torch
 from mobilenet.checkpoint import CheckpointError, load_model
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, DataError, load_dataset
 from mobilenet.provenance import collect_meta, command_line, write_meta
-from mobilenet.runs import find_input, record
+from mobilenet.runs import find_input, record, runs_dir
 
 from .config import PruneConfig
 from .masks import match_layers, prunable_layers, select_layers
@@ -33,7 +33,7 @@ class CliConfig:
     checkpoint: str = field(default="", metadata={"help": "model to prune: our checkpoint or a torchvision "
                                                           "mobilenet_v2 state_dict (default: the latest baseline "
                                                           "recorded in runs/latest.json)"})
-    out: str = field(default="runs/prune", metadata={"help": "output directory"})
+    out: str = field(default="", metadata={"help": "output directory (default: runs/prune, under $MNV2_RUNS)"})
     sweep_only: bool = field(default=False, metadata={"help": "run the sensitivity sweep and stop"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
     data_source: str = field(default="folder", metadata={"help": "folder | cifar-batches | random"})
@@ -76,6 +76,7 @@ def _split_args(ns: argparse.Namespace) -> tuple[CliConfig, PruneConfig]:
     cfg = PruneConfig(**{f.name: d[f.name] for f in fields(PruneConfig)})
     if not cli.checkpoint:
         cli.checkpoint = str(find_input(("baseline",), "--checkpoint"))
+    cli.out = cli.out or str(runs_dir() / "prune")
     if cli.train_images < 0:
         raise ValueError(f"--train-images should be >= 0, not {cli.train_images}")
     if cli.threads < 0:
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
             match_layers(cfg.sweep_layers, list(prunable_layers(model)), "--sweep-layers")
         ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=cfg.layout,
                                      cache_dir=cli.cache_dir, seed=cfg.seed))
+        ds.check_classes(model.cfg.num_classes, cli.checkpoint)
         if cli.train_images:
             ds.train = ds.train.subset(torch.arange(0, len(ds.train), max(1, len(ds.train) // cli.train_images))
                                        [:cli.train_images])

@@ -111,6 +111,7 @@ def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneCo
         return a
 
     report = {"eval_images": len(eval_split), "eval_bf16": cfg.eval_bf16, "precision": precision, "source": source,
+              "data": dataset.describe(),
               "acc_baseline": acc(model, "baseline")}
     report["size_baseline"] = state_dict_sizes(model.state_dict())
 

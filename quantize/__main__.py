@@ -28,7 +28,7 @@ import torch
 from mobilenet.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, DataError, Split, load_dataset
 from mobilenet.engine import predict
-from mobilenet.runs import find_input, record
+from mobilenet.runs import find_input, record, runs_dir
 
 from .config import RECIPES, QuantConfig, recipe
 from .io import require_float_checkpoint, save_quantized
@@ -57,7 +57,7 @@ class CliConfig:
     adaround_iters: int = field(default=1000, metadata={"help": "AdaRound steps per layer"})
     opt_images: int = field(default=OPT_IMAGES, metadata={"help": "images for AdaRound / bias correction / CLE"})
     eval_size: int = field(default=2000, metadata={"help": "test images (stratified, evenly spaced); 10000 = all"})
-    out: str = field(default="runs/quantize", metadata={"help": "output directory"})
+    out: str = field(default="", metadata={"help": "output directory (default: runs/quantize, under $MNV2_RUNS)"})
     matrix: bool = field(default=False, metadata={"help": "run the whole study matrix (CSV + PNG)"})
     qat: bool = field(default=False, metadata={"help": "quantization-aware training (quantize.qat)"})
     epochs: int | None = field(default=None, metadata={"help": "QAT epochs (default: QATConfig's)"})
@@ -151,6 +151,7 @@ def quantize_one(model, ds, qcfg: QuantConfig, cli: CliConfig, masks: dict | Non
 def _parse(argv) -> CliConfig:
     ns = build_parser().parse_args(argv)
     cli = CliConfig(**vars(ns))
+    cli.out = cli.out or str(runs_dir() / "quantize")
     if cli.threads < 0:
         raise ValueError(f"--threads should be >= 0, not {cli.threads}")
     if cli.opt_images < 1:
@@ -172,6 +173,7 @@ def run(cli: CliConfig) -> dict:
     ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=model.cfg.layout,
                                  cache_dir=cli.cache_dir, seed=cli.seed,
                                  calib_size=max(cli.calib_size, 1000)))
+    ds.check_classes(model.cfg.num_classes, cli.checkpoint)
     split = eval_subset(ds.test, cli.eval_size)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps({"cli": asdict(cli), "quant_config": qcfg.to_dict() if qcfg else None},
@@ -189,7 +191,7 @@ def run(cli: CliConfig) -> dict:
                    if len(ds.test) % len(split) == 0 else f"{len(split)} evenly spaced test images")
     save_quantized(out / "quantized.pt", qm, {"metrics": metrics, "source_checkpoint": cli.checkpoint,
                                               "qat": cli.qat, "masks": ckpt.get("masks"), "cli": asdict(cli)})
-    summary = {"cli": asdict(cli), "quant_config": qcfg.to_dict(), "metrics": metrics,
+    summary = {"cli": asdict(cli), "data": ds.describe(), "quant_config": qcfg.to_dict(), "metrics": metrics,
                "ptq_report": _short_report(getattr(qm, "ptq_report", {}))}
     if cli.qat:
         summary["qat"] = {"config": qm.qat_config, "history": qm.qat_history}

@@ -43,7 +43,8 @@ def cifar_small(cifar):
     from mobilenet.data import Dataset
     tr = cifar.train.subset(torch.arange(0, len(cifar.train), len(cifar.train) // 512)[:512])
     te = cifar.test.subset(torch.arange(0, len(cifar.test), len(cifar.test) // 256)[:256])
-    return Dataset(tr, te, cifar.calib.subset(torch.arange(128)), cifar.classes, cifar.layout, cifar.source)
+    return Dataset(tr, te, cifar.calib.subset(torch.arange(128)), cifar.classes, cifar.layout, cifar.source,
+                   cifar.root)
 
 
 def tiny_config(**kw):

@@ -1,0 +1,78 @@
+"""The design card's three commands as a user types them, in order, on data the project has never seen:
+
+    python train.py --prune 0.7  ->  python -m quantize --qat  ->  python -m bench --device
+
+No command is told where the previous one left its model (runs/latest.json joins them); only the data and
+small budgets are given. The data is an ImageFolder tree made here: three classes of 40x48 patterns, a third of
+them grayscale, so the layout's conversions run too. The phone is the project's adb test device."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+import bench.__main__ as bench_cli
+import quantize.__main__ as quantize_cli
+import train
+from conftest import make_image_tree
+from mobilenet.checkpoint import load_checkpoint
+from mobilenet.runs import latest, runs_dir
+from tests.bench_fixtures import phone, standin_binary  # noqa: F401 (fixtures)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return make_image_tree(tmp_path / "shapes")
+
+
+def test_three_commands_in_order_on_the_users_data(tree, tmp_path, phone, standin_binary, monkeypatch, capsys):
+    data = ["--cache-dir", str(tmp_path / "cache")]
+    # 1. python train.py --prune 0.7 (tiny width and budgets; no paths)
+    assert train.main(["--prune", "0.7", "--root", str(tree), *data, "--width", "0.25", "--batch-size", "16",
+                       "--epochs", "1", "--budget-minutes", "0.1", "--prune-sweep-minutes", "0.05",
+                       "--prune-budget-minutes", "0.05"]) == 0
+    base = runs_dir() / "baseline"
+    assert latest("baseline") == (base / "checkpoint.pt").resolve()
+    assert latest("pruned") == (base / "pruned.pt").resolve()
+    metrics = json.loads((base / "metrics.json").read_text())
+    prune_report = json.loads((base / "prune_report.json").read_text())
+    for doc in (metrics, prune_report):            # the user's data at every step, and its classes
+        assert doc["data"]["root"] == str(tree.resolve())
+        assert doc["data"]["classes"] == ["checker", "hstripes", "vstripes"]
+    assert load_checkpoint(base / "pruned.pt")["model_config"]["num_classes"] == 3
+    assert abs(prune_report["global_sparsity"] - 0.7) < 0.005
+
+    # 2. python -m quantize --qat: finds the pruned model by itself and ends with the validated .tflite
+    capsys.readouterr()
+    assert quantize_cli.main(["--qat", "--data", str(tree), *data, "--qat-minutes", "0.1", "--epochs", "1",
+                              "--calib-size", "32", "--eval-size", "24", "--val-images", "24", "--no-progress"]) == 0
+    assert f"using {(base / 'pruned.pt').resolve()} (the latest pruned model" in capsys.readouterr().out
+    q = runs_dir() / "quantize"
+    qm = json.loads((q / "metrics.json").read_text())
+    assert qm["data"]["root"] == str(tree.resolve()) and qm["qat"]["config"]["budget"]["minutes"] == 0.1
+    rep = json.loads((q / "model_w8a8.tflite.json").read_text())
+    assert rep["validation"]["passed"] and rep["validation"]["runs"]["xnnpack"]["max_lsb"] == 0
+    assert rep["validation_data"]["root"] == str(tree.resolve())
+    assert latest("tflite") == (q / "model_w8a8.tflite").resolve()
+
+    # 3. python -m bench --device: times the latest validated file on the (test) phone
+    server, _ = phone
+    monkeypatch.setenv("ANDROID_ADB_SERVER_PORT", str(server.port))
+    monkeypatch.delenv("ANDROID_SERIAL", raising=False)
+    out = tmp_path / "android.csv"
+    assert bench_cli.main(["--device", "--benchmark-binary", str(standin_binary), "--runs", "5", "--warmup", "1",
+                           "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["model"], r["status"]) for r in rows] == [("model_w8a8.tflite", "ok")]
+    assert float(rows[0]["inference_avg_ms"]) > 0
+
+
+def test_each_command_says_what_is_missing_and_which_command_makes_it(capsys):
+    assert quantize_cli.main(["--qat", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no --checkpoint given" in err and "records no pruned or baseline model yet" in err
+    assert "run `python train.py` first" in err
+    assert bench_cli.main(["--device"]) == 2
+    err = capsys.readouterr().err
+    assert "no MODEL.tflite given" in err and "run `python -m quantize" in err
