@@ -2,7 +2,7 @@
 
     python -m bench MODEL.tflite [MODEL2 ...] --threads 1,2 --xnnpack on,off --runs 50 \
         --warmup 5 [--budget-s 10] --csv out.csv
-    python -m bench --device MODEL.tflite --benchmark-binary ./benchmark_model \
+    python -m bench --device MODEL.tflite [--benchmark-binary ./benchmark_model] \
         [--serial SERIAL] [--threads 1,4] [--use-gpu] [--taskset f0] [--op-profiling] \
         [--remote-dir /data/local/tmp] [--keep] --csv results/android.csv
 
@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 
+from bench.binary import BinaryError
 from bench.device import DEVICE_COLUMNS, DeviceConfig, DeviceError, run_device
 from bench.host import HOST_COLUMNS, HostConfig, host_description, run_host, runtime_version
 from bench.chain import ChainConfig, run_chain
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cls(**{name: getattr(ns, name) for name in own})
     try:
         return run(cfg)
-    except (ValueError, DeviceError) as e:
+    except (ValueError, DeviceError, BinaryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:    # a worker or adb failure we could not turn into a row

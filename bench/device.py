@@ -2,7 +2,8 @@
 
 Steps (`run_device`):
 1. check the local files, then choose the device (--serial, ANDROID_SERIAL, or the only one);
-2. read its ABI and model name;
+2. read its ABI and model name, and find benchmark_model for that ABI (bench.binary: the given
+   path, $BENCHMARK_MODEL, the per-user cache, or a download of Google's prebuilt);
 3. push the binary and the models to --remote-dir and make the binary executable;
 4. per model and configuration, run benchmark_model (optionally under `taskset MASK`),
    collect stdout, stderr and the exit code, parse the log, append one CSV row;
@@ -18,12 +19,12 @@ import posixpath
 import re
 import shlex
 import signal
-import struct
 import sys
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from bench.binary import given_binary, resolve_binary
 from bench.host import check_model
 from bench.parse import parse_benchmark_output
 from bench.report import append_csv, write_text
@@ -37,9 +38,6 @@ DEVICE_COLUMNS = [
     "init_ms", "first_ms", "warmup_avg_ms", "inference_avg_ms", "memory_mb",
     "status", "error",
 ]
-# ELF e_machine -> Android ABIs that can run it.
-ELF_ABIS = {183: {"arm64-v8a"}, 40: {"armeabi-v7a", "armeabi", "arm64-v8a"},
-            62: {"x86_64"}, 3: {"x86", "x86_64"}}
 MAX_ERROR_CHARS = 300     # the error column stays readable in a spreadsheet
 
 
@@ -60,7 +58,8 @@ class DeviceConfig:
     serial: str | None = field(default=None, metadata={
         "help": "device serial (default: $ANDROID_SERIAL, or the only device attached)"})
     benchmark_binary: str | None = field(default=None, metadata={
-        "help": "local benchmark_model binary built for the phone's ABI"})
+        "help": "local benchmark_model built for the phone's ABI (default: $BENCHMARK_MODEL, then the "
+                "per-user cache, then a download of Google's prebuilt; see docs/phone.md)"})
     remote_dir: str = field(default="/data/local/tmp", metadata={
         "help": "directory on the phone for the binary and the models"})
     keep: bool = field(default=False, metadata={"help": "leave the pushed files on the phone"})
@@ -80,12 +79,7 @@ class DeviceConfig:
         names = [os.path.basename(m) for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a file name, which would collide on the phone: {names}")
-        if not self.benchmark_binary:
-            raise ValueError("--device needs --benchmark-binary PATH (see docs/phone.md)")
-        if not os.path.isfile(self.benchmark_binary):
-            raise ValueError(f"benchmark binary not found: {self.benchmark_binary}")
-        if not os.access(self.benchmark_binary, os.R_OK):
-            raise ValueError(f"cannot read benchmark binary {self.benchmark_binary}")
+        given_binary(self.benchmark_binary)     # a path named but missing fails before any adb traffic
         if not self.threads or any(t < 1 for t in self.threads):
             raise ValueError(f"--threads must be positive integers, got {self.threads}")
         if self.runs < 1 or self.warmup < 0:
@@ -171,14 +165,6 @@ def row_from_output(output: str, exit_code: int, base: dict) -> dict:
             "memory_mb": memory, "status": status, "error": error}
 
 
-def _elf_machine(path: str) -> int | None:
-    with open(path, "rb") as f:
-        head = f.read(20)
-    if head[:4] != b"\x7fELF" or len(head) < 20:
-        return None
-    return struct.unpack("<H" if head[5] == 1 else ">H", head[18:20])[0]
-
-
 def _shell(d, cmd: str, timeout: float):
     return d.shell2(cmd, timeout=timeout, v2=True)
 
@@ -210,10 +196,9 @@ def _session(cfg: DeviceConfig, client, log_dir: str | None) -> list[dict]:
     d = select_device(client, cfg.serial)
     abi = _shell(d, "getprop ro.product.cpu.abi", 30).output.strip()
     name = _shell(d, "getprop ro.product.model", 30).output.strip()
-    machine = _elf_machine(cfg.benchmark_binary)
-    if machine is not None and abi and abi not in ELF_ABIS.get(machine, {abi}):
-        print(f"warning: {cfg.benchmark_binary} is built for ELF machine {machine}, "
-              f"the phone's ABI is {abi}; it will likely fail to run", file=sys.stderr)
+    binary = resolve_binary(cfg.benchmark_binary, abi)
+    print(f"benchmark_model: {binary.path} ({binary.source})")
+    cfg.benchmark_binary = binary.path     # so the config saved beside the CSV names the binary that ran
 
     remote_bin = posixpath.join(cfg.remote_dir, "benchmark_model")
     remote_models = {m: posixpath.join(cfg.remote_dir, os.path.basename(m)) for m in cfg.models}

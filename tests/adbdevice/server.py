@@ -21,6 +21,13 @@ Commands run on the host with ``sh -c`` inside ``--root``: device paths under /d
 /sdcard and /storage are rewritten to ``ROOT/data`` and so on, and ``ROOT/system/bin``
 (with a ``getprop`` of this device's properties) is first on PATH. Only the loopback
 address is ever bound.
+
+The device's "CPU": the host cannot run an ELF built for the phone, so a program that a
+command runs by its path (first word, after ; & | or `taskset MASK`) runs with the host Python
+when it is an ELF executable of this device's ABI (class and e_machine, as a phone's kernel
+checks them) whose body is a zip application: an ELF header followed by a zip holding
+__main__.py (Python runs a zip with data before it). That is how a downloaded
+`benchmark_model`, checked as an ELF, still runs here. Other files (#! scripts) run as they are.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import struct
 import subprocess
 import sys
 import threading
+import zipfile
 
 __all__ = ["TestDevice", "main"]
 
@@ -48,6 +56,8 @@ SYNC_CHUNK = 64 * 1024          # bytes per sync DATA block (protocol maximum)
 DEVICE_DIRS = ("data", "sdcard", "storage")   # device top-level dirs mapped into --root
 # shell v2 packet ids
 V2_STDIN, V2_STDOUT, V2_STDERR, V2_EXIT = 0, 1, 2, 3
+# ABI -> (ELF class byte: 1 = 32-bit, 2 = 64-bit; e_machine) of the executables it runs.
+ABI_ELF = {"arm64-v8a": (2, 183), "armeabi-v7a": (1, 40), "x86_64": (2, 62), "x86": (1, 3)}
 
 
 def _header(cmd: int, arg0: int, arg1: int, payload: bytes) -> bytes:
@@ -191,6 +201,7 @@ class TestDevice:
 
     def __init__(self, root: str, model: str, abi: str, unauthorized: bool):
         self.root = os.path.realpath(root)
+        self.abi = abi
         self.unauthorized = unauthorized
         self.props = {
             "ro.product.cpu.abi": abi,
@@ -209,6 +220,8 @@ class TestDevice:
                     f'case "$1" in\n{lines}\n  *) echo "" ;;\nesac\n')
         os.chmod(getprop, 0o755)
         self._dir_re = re.compile(r"(?<![\w./-])/(%s)(?=/|\s|$|[\"';])" % "|".join(DEVICE_DIRS))
+        # a host path in command position: first word, after ; & | or after `taskset MASK`
+        self._exec_re = re.compile(r"(^\s*|[;&|]\s*|\btaskset\s+\S+\s+)(%s/[^\s\"';|&<>]+)" % re.escape(self.root))
 
     def banner(self) -> bytes:
         keys = ("ro.product.name", "ro.product.model", "ro.product.device")
@@ -224,7 +237,21 @@ class TestDevice:
         return p
 
     def rewrite(self, command: str) -> str:
-        return self._dir_re.sub(lambda m: f"{self.root}/{m.group(1)}", command)
+        """Device paths to host paths, and the device's own executables run by the host Python."""
+        command = self._dir_re.sub(lambda m: f"{self.root}/{m.group(1)}", command)
+        return self._exec_re.sub(
+            lambda m: m.group(1) + (f"{sys.executable} " if self.native(m.group(2)) else "") + m.group(2), command)
+
+    def native(self, path: str) -> bool:
+        """An ELF executable for this device's ABI carrying a zip application (module docstring)."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(20)
+        except OSError:
+            return False
+        if len(head) < 20 or head[:4] != b"\x7fELF" or head[5] != 1:   # Android ABIs are little-endian
+            return False
+        return (head[4], struct.unpack("<H", head[18:20])[0]) == ABI_ELF.get(self.abi) and zipfile.is_zipfile(path)
 
     # ---------------------------------------------------------------- shell
     def shell(self, s: Stream, command: str, v2: bool) -> None:
