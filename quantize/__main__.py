@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -211,6 +212,7 @@ def _export(cli: CliConfig, qcfg: QuantConfig, out: Path) -> dict:
     """The validated .tflite of out/quantized.pt, through python -m export's own pipeline (the CLI is where the
     design card's flow goes on from quantize to export; the library packages keep their one-way imports)."""
     from export.pipeline import ExportConfig, run_export
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")  # the converter's per-pass progress lines
     tflite = out / f"model_{qcfg.name.lower()}.tflite"
     data = "random" if cli.data_source == "random" else cli.data
     report = run_export(ExportConfig(checkpoint=str(out / "quantized.pt"), out=str(tflite), data=data,
