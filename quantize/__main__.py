@@ -151,7 +151,7 @@ def run(cli: CliConfig) -> dict:
     qcfg = quant_config_from(cli) if not cli.matrix else None      # bad options fail before the slow loads
     ckpt = load_checkpoint(cli.checkpoint)
     require_float_checkpoint(ckpt, cli.checkpoint)
-    model, ckpt = load_model(ckpt)
+    model, ckpt = load_model(ckpt, where=cli.checkpoint)
     model = model.to(cli.device)
     ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=model.cfg.layout,
                                  cache_dir=cli.cache_dir, seed=cli.seed,
