@@ -171,16 +171,23 @@ def param_digest(model: torch.nn.Module) -> str:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random state, as the plain values a checkpoint holds (numpy's key array as an int64 tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                       has_gauss, gauss), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+def _set_rng_state(state: dict, where: str):
+    try:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        torch.set_rng_state(state["torch"])
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"--resume: {where} holds a malformed random state ({type(e).__name__}: {e})") from None
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -366,7 +373,7 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
         opt.load_state_dict(resume_ckpt["optimizer"])
         if sched is not None and resume_ckpt.get("scheduler") is not None:
             sched.load_state_dict(resume_ckpt["scheduler"])
-        _set_rng_state(resume_ckpt["rng"])
+        _set_rng_state(resume_ckpt["rng"], str(Path(cfg.out) / "checkpoint.pt"))
         history, start = list(resume_ckpt["metrics"]), int(resume_ckpt["epoch"])
         say(f"resuming {cfg.out} after epoch {start} of {cfg.epochs}")
     out = Path(cfg.out)

@@ -18,8 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mobilenet.checkpoint import atomic_write_text
+from mobilenet.checkpoint import atomic_write_text, load_checkpoint, load_model
 from mobilenet.data import DEFAULT_DATA
+from quantize.io import require_float_checkpoint
 
 __all__ = ["ChainConfig", "run_chain"]
 
@@ -79,6 +80,12 @@ def run_chain(cfg: ChainConfig) -> Path:
     from .host import HOST_COLUMNS, HostConfig, run_host
     from .report import write_csv
 
+    if cfg.init:    # the whole check (safe load, shapes, finite weights) before anything is written
+        if not Path(cfg.init).is_file():
+            raise ValueError(f"--init checkpoint not found: {cfg.init}")
+        ckpt = load_checkpoint(cfg.init)
+        require_float_checkpoint(ckpt, cfg.init)
+        load_model(ckpt, where=cfg.init)
     out = Path(cfg.out or "runs/chain")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -94,8 +101,6 @@ def run_chain(cfg: ChainConfig) -> Path:
                 "--max-train-images", "0", "--eval-stride", str(stride), "--eval-every", str(cfg.train_epochs)]
         resume = ["--resume"] if baseline.exists() else []
         _step("train baseline", out / "baseline" / "done", lambda: _train(train, args + resume, out), log)
-    elif not baseline.is_file():
-        raise ValueError(f"--init checkpoint not found: {baseline}")
 
     # 2-4. sweep, prune, fine-tune
     pruned = out / "prune" / "pruned.pt"

@@ -18,13 +18,11 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from bench import worker
 from bench.stats import summarize
 from mobilenet.precision import cpu_summary
 
 __all__ = ["HostConfig", "HOST_COLUMNS", "check_model", "run_host", "runtime_version", "host_description"]
-
-TFLITE_IDENT = b"TFL3"     # flatbuffer file identifier, bytes 4..8 of every .tflite
-
 
 @dataclass
 class HostConfig:
@@ -63,16 +61,10 @@ HOST_COLUMNS = [
 
 
 def check_model(path: str) -> None:
-    """Raise ValueError naming `path` unless it is a readable .tflite flatbuffer."""
-    if not os.path.isfile(path):
-        raise ValueError(f"model file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise ValueError(f"cannot read model file {path}: {e.strerror}") from None
-    if head[4:8] != TFLITE_IDENT:
-        raise ValueError(f"{path} is not a .tflite file (no {TFLITE_IDENT.decode()} identifier)")
+    """Raise ValueError naming `path` unless it is a readable, well-formed .tflite flatbuffer (every offset and
+    index checked: export.tflite_file), so that no worker or phone is handed a file that would crash it."""
+    from export.tflite_file import read_tflite
+    read_tflite(path)
 
 
 def runtime_version() -> str:
@@ -85,10 +77,14 @@ def _run_worker(job: dict) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.worker"], input=json.dumps(job), capture_output=True,
         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    if proc.returncode == worker.REFUSED:     # the interpreter would not load or run the file
+        raise ValueError(f"LiteRT cannot run {job['model']}: {json.loads(last)['error']}")
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"timing {job['model']} failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        err = (proc.stderr.strip().splitlines() or ["no message"])[-1].strip()
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        raise RuntimeError(f"timing {job['model']} failed ({how}): {err}")
+    return json.loads(last)
 
 
 def run_host(cfg: HostConfig) -> list[dict]:

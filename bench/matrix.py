@@ -210,6 +210,7 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
         if unknown:
             raise ValueError(f"--only names unknown configs {sorted(unknown)}")
         rows = [r for r in rows if r[0].name in names]
+    model, _ = load_model(cfg.checkpoint)      # a bad checkpoint fails before anything is written
     out = Path(cfg.out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "tflite").mkdir(parents=True, exist_ok=True)
@@ -217,7 +218,6 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
         for f in remove_stale_temporaries(d):
             print(f"removed a stale temporary file: {f}", file=sys.stderr)
     csv_path = out / "matrix.csv"
-    model, _ = load_model(cfg.checkpoint)
     dataset = load_dataset(DataConfig(source="folder", root=cfg.data, layout=model.cfg.layout,
                                       calib_size=cfg.calib_size))
     eval_split = dataset.test.subset(torch.arange(0, len(dataset.test), cfg.eval_every))
@@ -233,9 +233,12 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
 
     from quantize.metrics import compare_logits, weight_size_bytes
     ref_path = out / "fp32_logits.pt"
-    cached = torch.load(ref_path) if ref_path.exists() else None
+    try:
+        cached = torch.load(ref_path, weights_only=True) if ref_path.exists() else None
+    except Exception:           # a damaged cache is computed again
+        cached = None
     tag = (meta["checkpoint_sha256"], len(eval_split), cfg.eval_every)
-    if isinstance(cached, dict) and cached.get("tag") == tag:
+    if isinstance(cached, dict) and cached.get("tag") == tag and isinstance(cached.get("logits"), torch.Tensor):
         ref = cached["logits"]
     else:  # computed once per checkpoint and subset, kept for a resumed run
         ref = predict(model, eval_split, model.cfg.layout, desc="FP32 logits")

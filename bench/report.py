@@ -6,9 +6,8 @@ import csv
 import io
 import json
 import os
-import tempfile
 
-from mobilenet.checkpoint import temp_prefix
+from mobilenet.checkpoint import atomic_write_text
 
 __all__ = ["format_table", "write_csv", "append_csv", "write_json", "write_text"]
 
@@ -30,20 +29,9 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Replace `path` with `text`, atomically."""
-    # Write beside the target, then rename: a reader never sees half a file and a failed
-    # command leaves the previous file (or none) in place.
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=temp_prefix(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Replace `path` with `text`, atomically (a reader never sees half a file; a failed command leaves the
+    previous file, or none), with the mode a plain open() would give."""
+    atomic_write_text(text, path)
 
 
 def _csv_text(rows: list[dict], columns: list[str]) -> str:

@@ -353,9 +353,6 @@ def _write(cfg: ReportConfig, extra: list | None = None) -> tuple[Path, Path]:
     out = Path(cfg.out_dir or cfg.results_dir)
     md = atomic_write_text(render_md(blocks), out / "report.md")
     page = atomic_write_text(render_html(blocks, cfg.title), out / "report.html")
-    # atomic_write_* creates 0600 files (mkstemp); a report is for others to read
-    for p in [md, page, *(out / "plots").glob("*.png")]:
-        p.chmod(0o644)
     return md, page
 
 

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-__all__ = ["proc_status_kb", "time_model", "main"]
+__all__ = ["proc_status_kb", "time_model", "main", "REFUSED"]
 
 
 def proc_status_kb(*keys: str) -> dict[str, int]:
@@ -96,9 +96,16 @@ def time_model(model: str, threads: int, xnnpack: bool, runs: int, warmup: int,
     }
 
 
+REFUSED = 3     # exit code: the interpreter refused the file; stdout's last line is {"error": one line}
+
+
 def main() -> int:
     job = json.loads(sys.stdin.read())
-    result = time_model(**job)
+    try:
+        result = time_model(**job)
+    except (ValueError, RuntimeError) as e:      # what LiteRT raises for a file it cannot load, prepare or run
+        sys.stdout.write(json.dumps({"error": " ".join(str(e).split())[:300]}) + "\n")
+        return REFUSED
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

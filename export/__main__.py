@@ -1,6 +1,8 @@
 """python -m export --checkpoint Q.pt --out model.tflite [--float-io] [--nhwc] [--val-images N] ...
 
-Exits 0 with <out> and <out>.json written, or 1 with a message and no file (refused or failed validation).
+Exits 0 with <out> and <out>.json written; 2 with a one-line message and no file when the checkpoint, the data
+or the --compare-to file cannot be used; 1 with a message and no file when the export is refused or fails its
+validation.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from mobilenet.runs import record
 
 from .convert import ExportError
 from .pipeline import ExportConfig, run_export
+from .tflite_file import TfliteError
 
 _HELP = {
     "checkpoint": "quantized checkpoint (python -m quantize), or an FP32 / pruned one for an FP32 export",
@@ -57,7 +60,10 @@ def main(argv=None) -> int:
     cfg = ExportConfig(**vars(args))
     try:
         report = run_export(cfg)
-    except (ExportError, CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, TfliteError) as e:      # an unusable input: the user's to fix
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
     record("tflite", report["file"], validated=report["validation"]["passed"])

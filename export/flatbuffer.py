@@ -7,13 +7,16 @@
                       DEPTHWISE_CONV_2D refuses and CONV_2D runs with wrong results (no error); we write
                       our own integers as int64
 
-Everything goes through `ai_edge_litert.tools.flatbuffer_utils` (object API of the schema), no TensorFlow.
+Everything goes through `ai_edge_litert.tools.flatbuffer_utils` (object API of the schema), no TensorFlow; `read`
+verifies the bytes first (export.tflite_file), since the object API follows every offset in them unchecked.
 """
 from __future__ import annotations
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+from .tflite_file import verify
 
 __all__ = ["read", "write", "op_name", "add_float_io", "biases_to_int64", "TensorType", "BuiltinOperator",
            "TYPE_NAMES"]
@@ -25,7 +28,10 @@ _OP_NAMES = {v: k for k, v in vars(BuiltinOperator).items() if not k.startswith(
 _WEIGHTED = {BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D, BuiltinOperator.FULLY_CONNECTED}
 
 
-def read(data: bytes) -> schema.ModelT:
+def read(data: bytes, where: str = "the model") -> schema.ModelT:
+    """The object tree of a .tflite flatbuffer, after `tflite_file.verify` has checked every offset and index
+    the unpacking follows (TfliteError naming `where` otherwise)."""
+    verify(data, where)
     return fbu.read_model_from_bytearray(bytearray(data))
 
 

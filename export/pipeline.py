@@ -16,14 +16,13 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from mobilenet.checkpoint import FORMAT, atomic_write_text, load_checkpoint, load_model, temp_prefix
+from mobilenet.checkpoint import FORMAT, CheckpointError, atomic_file, atomic_write_text, load_checkpoint, load_model
 from mobilenet.data import BatchLoader, DataConfig, DEFAULT_DATA, load_dataset
 from quantize.config import RECIPES
 from quantize.io import load_quantized
@@ -32,6 +31,7 @@ from quantize.qmodel import prepare
 from . import validate as V
 from .convert import ExportError, convert, export_kind, static_int16
 from .report import file_summary, gzip_size, zero_weights
+from .tflite_file import read_tflite
 
 __all__ = ["ExportConfig", "run_export", "load_for_export", "sha256"]
 
@@ -70,8 +70,8 @@ def load_for_export(path: str) -> tuple[torch.nn.Module, dict]:
     """(frozen QMobileNet, checkpoint). A float checkpoint becomes the FP32 'simulation' (BN folded)."""
     ckpt = load_checkpoint(path)
     if ckpt.get("format") == FORMAT and ckpt.get("kind") == "quantized":
-        return load_quantized(ckpt)
-    model, ckpt = load_model(ckpt)
+        return load_quantized(ckpt, where=path)
+    model, ckpt = load_model(ckpt, where=path)
     return prepare(model, RECIPES["FP32"]), ckpt
 
 
@@ -125,10 +125,12 @@ def run_export(cfg: ExportConfig) -> dict:
         raise ExportError(f"--val-images should be >= 1 instead of {cfg.val_images}")
     if cfg.reported_images < 1:
         raise ExportError(f"--reported-images should be >= 1 instead of {cfg.reported_images}")
+    if cfg.compare_to:
+        read_tflite(cfg.compare_to)       # a file that is not a .tflite fails now, not after the conversion
     out = Path(cfg.out)
     ckpt_path = Path(cfg.checkpoint)
     if not ckpt_path.is_file():
-        raise ExportError(f"checkpoint not found: {ckpt_path}")
+        raise CheckpointError(f"checkpoint not found: {ckpt_path}")
     digest = sha256(ckpt_path)
 
     qm, ckpt = load_for_export(str(ckpt_path))                                        # 1
@@ -151,12 +153,9 @@ def run_export(cfg: ExportConfig) -> dict:
     t0 = time.perf_counter()
     data, notes = convert(qm, kind, float_io=cfg.float_io, nhwc=cfg.nhwc)             # 4
     convert_s = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out), suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        data = Path(tmp).read_bytes()
+    with atomic_file(out) as tmp:           # renamed to --out only if the block ends without an exception (6)
+        tmp.write_bytes(data)
+        data = tmp.read_bytes()
         validation = _validate(data, qm, kind, cfg, x, y)                             # 5
         if dynamic_qm is not None:  # how the static int16 file relates to the checkpoint's dynamic simulation
             dyn = V.sim_outputs(dynamic_qm, x, False)
@@ -167,11 +166,6 @@ def run_export(cfg: ExportConfig) -> dict:
             raise ExportError(_failure_message(validation))
         if sha256(ckpt_path) != digest:
             raise ExportError(f"{ckpt_path} changed during the export")
-        os.replace(tmp, out)                                                          # 6
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     report["file"] = str(out)
     atomic_write_text(json.dumps(report, indent=2, default=str) + "\n", str(out) + ".json")
     return report
@@ -219,7 +213,7 @@ def _report(cfg, ckpt_path, digest, ckpt, qcfg, qm, kind, notes, data, validatio
     if kind == "int16":
         rep["int16_calibration"] = {"images": cfg.calib_images, "observer": "minmax", "source": "calibration split"}
     if cfg.compare_to:
-        other = Path(cfg.compare_to).read_bytes()
+        other = read_tflite(cfg.compare_to)
         rep["compare_to"] = {"file": cfg.compare_to, "size_bytes": len(other), "gzip_bytes": gzip_size(other),
                              "size_ratio": len(data) / len(other), "gzip_ratio": gzip_size(data) / gzip_size(other)}
     return rep

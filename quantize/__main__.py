@@ -169,7 +169,7 @@ def run(cli: CliConfig) -> dict:
         cli.checkpoint = str(find_input(("pruned", "baseline"), "--checkpoint"))
     ckpt = load_checkpoint(cli.checkpoint)
     require_float_checkpoint(ckpt, cli.checkpoint)
-    model, ckpt = load_model(ckpt)
+    model, ckpt = load_model(ckpt, where=cli.checkpoint)
     model = model.to(cli.device)
     ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=model.cfg.layout,
                                  cache_dir=cli.cache_dir, seed=cli.seed,

@@ -90,10 +90,12 @@ def _fp32_logits(model, split, layout, out: Path, cli) -> torch.Tensor:
     key = {"checkpoint": str(Path(cli.checkpoint).resolve()), "n": len(split),
            "labels_sum": int(split.labels.sum()), "first_pixels": split.images[:4].float().sum().item()}
     cache = out / "fp32_logits.pt"
-    if cache.exists():
-        blob = torch.load(cache, weights_only=False)
-        if blob.get("key") == key:
-            return blob["logits"]
+    try:
+        blob = torch.load(cache, weights_only=True) if cache.exists() else None
+    except Exception:           # a damaged cache (a run killed in its write, a full disk) is computed again
+        blob = None
+    if isinstance(blob, dict) and blob.get("key") == key and isinstance(blob.get("logits"), torch.Tensor):
+        return blob["logits"]
     logits = predict(model, split, layout, device=cli.device, desc="eval fp32", disable_bar=not cli.progress)
     atomic_save({"key": key, "logits": logits}, cache)
     return logits

@@ -45,7 +45,7 @@ def test_chain_leaves_checkpoint_validated_file_bench_and_report(chain_dir):
     assert all(float(r["median_ms"]) > 0 for r in rows)
     html = (chain_dir / "report.html").read_text()
     assert "W8A8" in html and "FP32" in html
-    pruned = torch.load(chain_dir / "prune" / "pruned.pt", weights_only=False)
+    pruned = torch.load(chain_dir / "prune" / "pruned.pt", weights_only=True)
     assert pruned["kind"] == "pruned" and pruned["masks"]
     # every training stage states its budget, what it reached, and its precision
     stages = {r["stage"]: r for r in json.loads((chain_dir / "stages.json").read_text())}

@@ -7,6 +7,7 @@ agreement) is the command's, the count only keeps the suite fast.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -107,6 +108,10 @@ def test_int8_file_is_ours(w8a8, ckpts):
     assert "builtin" in rep["validation"]["runs"]
     assert rep["graph"]["batch"] == 1
     assert rep["file_summary"]["size_bytes"] == path.stat().st_size
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (path, path.parent / (path.name + ".json")):      # what a plain open() gives, not mkstemp's 0600
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def test_outputs_match_simulation(w8a8, ckpts, cifar_small):
@@ -207,16 +212,16 @@ def test_w8a16_static_int16(ckpts, tmp_path):
     assert rep["validation"]["runs"]["xnnpack"]["max_lsb"] <= 8  # int16 LSBs
 
 
-@pytest.mark.parametrize("tag,argv,needle", [
-    ("missing", [], "not found"),
-    ("fp32", ["--config", "W8A8"], "FP32 model"),
-    ("W4A8", [], "4-bit weights are refused"),
-    ("W16A32", [], "no int16 weight path"),
+@pytest.mark.parametrize("tag,argv,needle,code", [
+    ("missing", [], "not found", 2),                  # an unusable input: 2, as every command
+    ("fp32", ["--config", "W8A8"], "FP32 model", 1),  # refused exports: 1
+    ("W4A8", [], "4-bit weights are refused", 1),
+    ("W16A32", [], "no int16 weight path", 1),
 ])
-def test_bad_inputs(ckpts, tmp_path, capsys, tag, argv, needle):
+def test_bad_inputs(ckpts, tmp_path, capsys, tag, argv, needle, code):
     ckpt = str(tmp_path / "nope.pt") if tag == "missing" else str(ckpts[tag])
     out = tmp_path / "x.tflite"
     rc = _run(["--checkpoint", ckpt, "--out", str(out), "--data", str(CIFAR_TGZ)] + argv)
-    assert rc == 1
+    assert rc == code
     assert needle in capsys.readouterr().err
     assert not out.exists()

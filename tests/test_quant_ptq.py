@@ -269,7 +269,7 @@ def test_load_errors(model, tmp_path):
     calibrate(qm, [torch.randn(4, 3, 32, 32)])
     freeze(qm)
     save_quantized(tmp_path / "q.pt", qm)
-    ckpt = torch.load(tmp_path / "q.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "q.pt", weights_only=True)
     ckpt["model_config"]["width_mult"] = 0.5          # a checkpoint whose state belongs to another model
     atomic_save(ckpt, tmp_path / "wrong.pt")
     with pytest.raises(CheckpointError, match="does not fit"):
