@@ -29,7 +29,7 @@ def test_requant_golden_round_half_even():
         1000     250          clamp 130             127     127 - zp = 130
         -1000   -250          clamp -125           -128     -128 - zp = -125
     """
-    from export.intsim import requant_fp32
+    from export.kernels import requant_fp32
     acc = torch.tensor([10, 14, -6, -10, 3, 7, 1000, -1000])
     got = requant_fp32(acc, np.float32(0.25), -3)
     assert got.tolist() == [-1, 1, -5, -5, -2, -1, 127, -128]
@@ -44,7 +44,7 @@ def test_requant_golden_per_channel_scale():
         channel 0: acc 6 -> 1.5 -> 2;  acc -2 -> -0.5 -> -0 (half even);  + zp 1 -> 3, 1
         channel 1: acc 12 -> 1.5 -> 2;  acc 20 -> 2.5 -> 2;              + zp 1 -> 3, 3
     """
-    from export.intsim import conv_scale_xnnpack, requant_fp32
+    from export.kernels import conv_scale_xnnpack, requant_fp32
     s = conv_scale_xnnpack(0.5, [0.25, 0.125], 0.5)
     assert s.dtype == np.float32 and s.tolist() == [0.25, 0.125]
     acc = torch.tensor([[[6, -2]], [[12, 20]]]).permute(1, 0, 2)  # (N=1, C=2, 2)
@@ -53,7 +53,7 @@ def test_requant_golden_per_channel_scale():
 
 def test_scale_is_float32_product_then_quotient():
     """input_scale * kernel_scale / output_scale in float32, left to right (not in double)."""
-    from export.intsim import conv_scale_xnnpack
+    from export.kernels import conv_scale_xnnpack
     s_in, s_w, s_out = np.float32(0.0173), np.float32(0.00291), np.float32(0.0457)
     want = np.float32(np.float32(s_in * s_w) / s_out)
     assert conv_scale_xnnpack(s_in, [s_w], s_out)[0] == want
@@ -70,7 +70,7 @@ def test_relu6_bounds_and_add_golden():
             a 10, b 0: (8598325 + 8388610) >> 21 = 8 -> +2 = 10      ((10-5)*0.4 + 7*0.8 = 7.6)
             a 0,  b 3: (8598325 + 5033166) >> 21 = 6 -> +2 = 8       (-2 + 8 = 6)
     """
-    from export.intsim import add_params_xnnpack, add_xnnpack, qs8_quantize
+    from export.kernels import add_params_xnnpack, add_xnnpack, qs8_quantize
     assert qs8_quantize(6.0, 0.0235294, -128) == 127 and qs8_quantize(0.0, 0.0235294, -128) == -128
     assert add_params_xnnpack(0.1, 5, 0.2, -7, 0.25) == {"a_mul": 838861, "b_mul": 1677722, "shift": 21,
                                                         "bias": 8598325}
