@@ -1,8 +1,11 @@
-"""The integer simulation (export/intsim.py) against the real ai_edge_litert interpreter, bit for bit.
+"""The integer simulation (export/intsim.py, export/kernels.py) against the real ai_edge_litert interpreter, bit
+for bit.
 
 One tiny W8A8 model (width 0.25, 32x32, BN statistics from real images) is exported twice, with per-channel and
 with per-tensor weights (one litert-torch conversion each, ~30 s on the shared CPU); 256 real CIFAR-10 test
-images go through the file (XNNPACK, the default CPU path) and through `int_outputs`: every output code equal.
+images go through the file and through `int_outputs`, with XNNPACK (the default CPU path) and with the builtin
+kernels (BUILTIN_WITHOUT_DEFAULT_DELEGATES: TFLite's own int8 kernels, ruy and gemmlowp rounding): every output
+code equal.
 """
 from __future__ import annotations
 
@@ -103,17 +106,30 @@ def test_images(cifar_small):
 
 
 @pytest.mark.parametrize("gran", ["per-channel", "per-tensor"])
-def test_int_sim_equals_xnnpack_exactly(exported, test_images, gran):
+@pytest.mark.parametrize("kernels", ["xnnpack", "builtin"])
+def test_int_sim_equals_interpreter_exactly(exported, test_images, gran, kernels):
     from export.intsim import int_outputs
-    from export.validate import run_file, sim_outputs
+    from export.validate import RESOLVERS, run_file, sim_outputs
+    from ai_edge_litert.interpreter import OpResolverType
     qm, data = exported[gran]
     x, _ = test_images
-    got = run_file(data, qm, x, kernels="xnnpack")
-    ours = int_outputs(qm, x, "xnnpack")
+    if kernels == "builtin":  # TFLite's own kernels, no delegate: the arithmetic export/kernels.py calls builtin
+        assert RESOLVERS["builtin"] == OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    got = run_file(data, qm, x, kernels=kernels)
+    ours = int_outputs(qm, x, kernels)
     assert got.shape == ours.shape == (len(x), 10)
     assert torch.equal(ours, got), f"{int((ours != got).sum())} outputs differ, max {(ours - got).abs().max()}"
     # the float fake-quant simulation is what drifts (reported beside, never the reference)
     assert (sim_outputs(qm, x, True) - got).abs().max() <= 2
+
+
+def test_builtin_and_xnnpack_arithmetic_differ(exported, test_images):
+    """The two kernel sets round differently (fp32 requantization against Q31 fixed point), so matching each
+    file run bit for bit says something about each: on these images the two simulations part somewhere."""
+    from export.intsim import int_outputs
+    qm, _ = exported["per-tensor"]
+    x, _ = test_images
+    assert not torch.equal(int_outputs(qm, x, "xnnpack"), int_outputs(qm, x, "builtin"))
 
 
 def test_validation_reports_both_references(exported, test_images):
