@@ -182,15 +182,25 @@ def test_adaround_never_worse_and_snapped():
 
 
 def test_adaround_keeps_nearest_when_it_is_better():
-    layer = _toy_layer()
-    w0 = layer.op.weight.detach().clone()
-    x = torch.randn(32, 8, 6, 6, generator=torch.Generator().manual_seed(5))
-    target = float_forward(layer, x, w0, layer.op.bias.detach())
-    rep = adaround_layer(layer, x, target, iters=0)  # no learning: a floor-or-ceil guess, never kept if worse
-    q_rtn = torch.round(w0 / layer.w_fq.scale.reshape(-1, 1, 1, 1)).clamp(-7, 7)
-    if rep["kept"] == "nearest":
-        assert torch.equal(layer.op.weight.detach(), q_rtn * layer.w_fq.scale.reshape(-1, 1, 1, 1))
-    assert min(rep["err_adaround"], rep["err_nearest"]) <= rep["err_nearest"]
+    """A layer whose target is its own round-to-nearest output (so rounding to nearest is perfect, error 0) and
+    whose weights sit on ties w / s = k + 0.5, where AdaRound without learning (h(V) starts at 0.5) and round-half-
+    even cannot agree for both parities: 2.5 -> 2 and 3.5 -> 4 to nearest, but AdaRound rounds both up or both
+    down. Its rounding is therefore worse, and the layer must keep round-to-nearest."""
+    from quantize.qmodel import QLayer
+    conv = torch.nn.Conv2d(4, 2, 1, bias=True)
+    with torch.no_grad():       # per output channel, max |w| = 7 -> 4-bit scale 7 / 7 = 1: w / s is exact
+        conv.weight.copy_(torch.tensor([[7.0, 2.5, 3.5, -0.5], [-7.0, 1.5, -2.5, 0.25]]).reshape(2, 4, 1, 1))
+        conv.bias.copy_(torch.tensor([0.5, -0.25]))
+    layer = QLayer(conv, None, True, recipe("W4A32"))
+    w0, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    q_rtn = torch.tensor([[7.0, 2.0, 4.0, 0.0], [-7.0, 2.0, -2.0, 0.0]]).reshape(2, 4, 1, 1)  # half to even
+    x = torch.randn(32, 4, 3, 3, generator=torch.Generator().manual_seed(5))
+    target = float_forward(layer, x, q_rtn, b)              # scale 1: the round-to-nearest layer's output
+    rep = adaround_layer(layer, x, target, iters=0)
+    assert torch.equal(layer.w_fq.scale, torch.ones(2))
+    assert rep["err_nearest"] == 0.0 < rep["err_adaround"] and rep["kept"] == "nearest"
+    assert torch.equal(layer.op.weight.detach(), q_rtn)     # the snapped weight: nearest, exactly
+    assert not torch.equal(w0, q_rtn)
 
 
 # ----------------------------------------------------------------------------------------------- run_ptq
