@@ -88,6 +88,48 @@ def test_walk_quant_stream_is_the_model(model, images):
     assert torch.equal(walk(qm, images, lambda *a: None), qm(images))
 
 
+def test_one_graph_walk_orders_every_evaluator(model, images):
+    """quantize/graph.py is the one order: a recording evaluator sees every layer once, in module order, each
+    residual add right after its block's last layer; walk() visits the same layers in the same order; and
+    link_inputs feeds each layer from the point the walk had just produced (the ADD's after a residual block)."""
+    from quantize import graph
+    qm = prepare(model, recipe("W8A8"))
+    seen, feeds = [], {}
+    names = {id(m): n for n, m in qm.named_modules()}
+
+    class Record(graph.Ops):
+        def input(self, net, x):
+            return net.quant_in
+
+        def layer(self, layer, src):
+            seen.append(names[id(layer)])
+            feeds[names[id(layer)]] = src
+            return layer.out_fq
+
+        def add(self, block, skip, y):
+            seen.append(names[id(block)] + ".add")
+            return block.add_fq
+
+        def pool(self, net, x):
+            return net.pool_fq
+
+    graph.network(qm, None, Record())
+    layers = list(qlayers(qm))
+    assert [n for n in seen if not n.endswith(".add")] == layers
+    n_res = sum(1 for m in qm.features if graph.is_block(m) and m.use_res_connect)
+    assert len(layers) == 53 and n_res > 0 and len(seen) == len(layers) + n_res
+    for i, n in enumerate(seen):
+        if n.endswith(".add"):
+            assert seen[i - 1].startswith(n[:-len(".add")] + ".conv.")
+    assert all(qm.get_submodule(n).input_fq is feeds[n] for n in layers)
+    assert feeds["features.0"] is qm.quant_in and feeds["classifier"] is qm.pool_fq
+    assert feeds["features.4.conv.0"] is qm.features[3].add_fq        # after the first residual block
+    visited = []
+    set_observe(qm, False, False)
+    walk(qm, images[:2], lambda name, *a: visited.append(name))
+    assert visited == layers
+
+
 def _blockwise_rel_err(before, after, images) -> float:
     """Largest relative error of each equalized unit (stem + first block, then every block) fed the original
     model's input to it: the exactness of CLE without the error amplification of a deep random network."""
