@@ -26,11 +26,11 @@ from torch import nn
 
 from quantize.config import QuantConfig
 from quantize.fakequant import DynamicFakeQuant, FakeQuant
+from quantize.graph import link_inputs
 from quantize.qmodel import QMobileNet, calibrate, freeze, qlayers
-from quantize.spec import activation_spec
 
 from . import flatbuffer as fb
-from .qdq import QDQMobileNet, bias_codes
+from .qdq import QDQMobileNet
 
 __all__ = ["ExportError", "export_kind", "static_int16", "convert", "KINDS"]
 
@@ -73,13 +73,13 @@ def export_kind(cfg: QuantConfig, w4_storage: str | None = None) -> str:
 def static_int16(qm: QMobileNet, batches) -> QMobileNet:
     """A copy of a (dynamic or static) 16-bit-activation simulation with static symmetric int16 ranges calibrated
     on `batches` (min/max), the same quantized weights, and int32-grid biases at s_in * s_w like the file."""
-    from quantize.qmodel import _link_inputs
     out = copy.deepcopy(qm).eval()
-    spec = activation_spec(16)
+    out.qcfg = replace(qm.qcfg, act_mode="static")
+    target = out.qcfg.target   # int16 activations, static: symmetric int16 points and int64-held biases
 
     def swap(parent: nn.Module, name: str):
         if isinstance(getattr(parent, name), DynamicFakeQuant):
-            setattr(parent, name, FakeQuant(spec, "minmax"))
+            setattr(parent, name, FakeQuant(target.activation, "minmax"))
 
     swap(out, "quant_in")
     swap(out, "pool_fq")
@@ -88,9 +88,8 @@ def static_int16(qm: QMobileNet, batches) -> QMobileNet:
             if hasattr(m, name):
                 swap(m, name)
     for layer in qlayers(out).values():
-        layer.quant_bias = True
-    out.qcfg = replace(qm.qcfg, act_mode="static")
-    _link_inputs(out)
+        layer.bias_spec = target.bias
+    link_inputs(out)
     n = calibrate(out, batches)
     if n == 0:
         raise ExportError("W8A16 export needs calibration images for its static int16 ranges")
@@ -119,7 +118,7 @@ def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = F
     if kind in ("int8", "int16"):
         model = fb.read(data)
         if kind == "int16":
-            codes = [bias_codes(layer).numpy() for layer in qlayers(qm).values()]
+            codes = [layer.bias_codes().numpy() for layer in qlayers(qm).values()]
             notes["biases_rewritten_int64"] = fb.biases_to_int64(model, codes)
         if float_io:
             fb.add_float_io(model)

@@ -17,7 +17,10 @@ Q/DQ mode folds each pair into the int8 tensor's quantization parameters, so the
 
 Weight-only configurations (no activation quantizers) keep only the weight pairs; there the classifier is
 written as a 1x1 conv, because the converter drops the Q/DQ around an F.linear weight (stores it as float).
-Shapes are static: batch 1 (`torch.export` fixes the sample's batch).
+Shapes are static: batch 1 (`torch.export` fixes the sample's batch). Ranges, zero-points, the weight axis and
+the integer dtypes are the quantizers' specs (quantize/spec.py); the order of operations is the one graph walk
+(quantize/graph.py). The converter names the file's tensors after the module nesting and the module and class
+names here, so renaming them changes the file's bytes (not its numbers).
 """
 from __future__ import annotations
 
@@ -25,20 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantize import graph
 from quantize.fakequant import FakeQuant
 from quantize.qmodel import QLayer, QMobileNet
 
-__all__ = ["QDQMobileNet", "ActQ", "act_dtype", "bias_codes"]
+__all__ = ["QDQMobileNet", "ActQ"]
 
 qd = torch.ops.quantized_decomposed
-
-
-def act_dtype(bits: int) -> torch.dtype:
-    if bits == 8:
-        return torch.int8
-    if bits == 16:
-        return torch.int16
-    raise ValueError(f"LiteRT has integer activations of 8 or 16 bits, not {bits}")
 
 
 class ActQ(nn.Module):
@@ -49,7 +45,7 @@ class ActQ(nn.Module):
         assert isinstance(fq, FakeQuant) and fq.frozen, "export needs frozen static activation quantizers"
         self.scale, self.zero_point = float(fq.scale), int(fq.zero_point)
         self.qmin, self.qmax = fq.spec.qmin, fq.spec.qmax
-        self.dtype = act_dtype(fq.spec.bits)
+        self.dtype = fq.spec.storage_dtype
 
     def quant(self, x):
         return qd.quantize_per_tensor(x, self.scale, self.zero_point, self.qmin, self.qmax, self.dtype)
@@ -62,15 +58,6 @@ class ActQ(nn.Module):
 
     def extra_repr(self):
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}, dtype={self.dtype}"
-
-
-@torch.no_grad()
-def bias_codes(layer: QLayer) -> torch.Tensor:
-    """The integer bias of a layer with static integer activations, exactly as `quantize_bias` computes it:
-    round(b / (s_in * s_w)) in float32, per output channel (int64)."""
-    _, b = layer.folded_weight_bias()
-    s = (layer.w_fq.scale.float() * float(layer.input_fq.scale)).reshape(-1)
-    return torch.clamp(torch.round(b.float() / s), -(1 << 31), (1 << 31) - 1).to(torch.int64)
 
 
 def _act(fq) -> ActQ | None:
@@ -99,7 +86,8 @@ class _Layer(nn.Module):
         self.w_q = None
         if layer.w_fq is not None:
             fq = layer.w_fq
-            self.w_bits, self.w_qmin, self.w_qmax = fq.spec.bits, fq.spec.qmin, fq.spec.qmax
+            self.w_qmin, self.w_qmax, self.w_dtype = fq.spec.qmin, fq.spec.qmax, fq.spec.storage_dtype
+            self.w_axis = fq.spec.axis  # PyTorch layout: output channels (the converter moves it for depthwise)
             if fq.spec.per_channel:
                 self.register_buffer("w_scale", fq.scale.detach().clone().float())
                 self.register_buffer("w_zp", fq.zero_point.detach().clone().to(torch.int64))
@@ -113,10 +101,10 @@ class _Layer(nn.Module):
         w = self.weight
         if self.w_q is None:
             return w
-        dt = torch.int8 if self.w_bits <= 8 else torch.int16
+        dt = self.w_dtype
         if self.w_q == "channel":
-            q = qd.quantize_per_channel(w, self.w_scale, self.w_zp, 0, self.w_qmin, self.w_qmax, dt)
-            return qd.dequantize_per_channel(q, self.w_scale, self.w_zp, 0, self.w_qmin, self.w_qmax, dt)
+            q = qd.quantize_per_channel(w, self.w_scale, self.w_zp, self.w_axis, self.w_qmin, self.w_qmax, dt)
+            return qd.dequantize_per_channel(q, self.w_scale, self.w_zp, self.w_axis, self.w_qmin, self.w_qmax, dt)
         q = qd.quantize_per_tensor(w, self.w_scale_f, self.w_zp_i, self.w_qmin, self.w_qmax, dt)
         return qd.dequantize_per_tensor(q, self.w_scale_f, self.w_zp_i, self.w_qmin, self.w_qmax, dt)
 
@@ -137,14 +125,11 @@ class _Block(nn.Module):
     def __init__(self, block, as_conv1x1: bool):
         super().__init__()
         self.conv = nn.Sequential(*[_Layer(layer, as_conv1x1) for layer in block.conv])
-        self.res = block.use_res_connect
-        self.add_q = _act(block.add_fq) if self.res else None
+        self.use_res_connect = block.use_res_connect
+        self.add_q = _act(block.add_fq) if self.use_res_connect else None
 
     def forward(self, x):
-        if not self.res:
-            return self.conv(x)
-        y = x + self.conv(x)
-        return self.add_q(y) if self.add_q is not None else y
+        return graph.block(self, x, _QDQ)
 
 
 class QDQMobileNet(nn.Module):
@@ -169,16 +154,33 @@ class QDQMobileNet(nn.Module):
     def forward(self, x):
         if self.nhwc:  # (N, H, W, 3) -> (N, 3, H, W); cancels against the converter's own layout transpose
             x = x.permute(0, 3, 1, 2)
-        if self.in_q is not None:
-            x = self.in_q(x)
-        x = self.features(x)
+        return graph.network(self, x, _QDQ).flatten(1)  # (N, classes)
+
+
+class _QDQOps(graph.Ops):
+    """The graph with a Q/DQ pair at every quantization point (the modules above hold the numbers)."""
+
+    def input(self, net, x):
+        return net.in_q(x) if net.in_q is not None else x
+
+    def sequence(self, seq, x):
+        return seq(x)  # nn.Sequential of _Layer / _Block: the module nesting the file's tensor names follow
+
+    def layer(self, layer, x):
+        return layer(x)
+
+    def add(self, block, skip, y):
+        y = skip + y
+        return block.add_q(y) if block.add_q is not None else y
+
+    def pool(self, net, x):
         x = F.adaptive_avg_pool2d(x, 1)  # (N, C, 1, 1): MEAN in the file, no TRANSPOSE
-        if self.pool_q is not None:
-            x = self.pool_q(x)
-        if not self.classifier.as_conv:
-            x = x.flatten(1)
-        x = self.classifier(x)
-        return x.flatten(1)  # (N, classes)
+        if net.pool_q is not None:
+            x = net.pool_q(x)
+        return x if net.classifier.as_conv else x.flatten(1)
+
+
+_QDQ = _QDQOps()
 
 
 def _all_layers(qm):

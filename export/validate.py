@@ -2,17 +2,19 @@
 
 Two parts, both on the bytes before they are kept:
 
-1. structure (`check_structure`): every conv / FC weight is int8 with exactly our scales, zero-points 0 and
-   codes, on the channel axis LiteRT expects (conv/FC: 0, depthwise [1, kh, kw, C]: 3); biases hold our
-   integers (int32; int64 with int16 activations) at s_in * s_w; an integer graph has no float tensor and no
+1. structure (`check_structure`): every conv / FC weight has the integer type, scales, zero-points (0) and codes
+   of our weight quantizer, on the channel axis LiteRT expects (conv/FC: 0, depthwise [1, kh, kw, C]: 3); biases
+   hold our integers (int32; int64 with int16 activations) at s_in * s_w. What is expected is read from the
+   quantizers' specs (quantize/spec.py), never restated here. An integer graph has no float tensor and no
    QUANTIZE, DEQUANTIZE or TRANSPOSE inside (edge ops allowed: the float-io QUANTIZE / DEQUANTIZE and the NCHW
    input TRANSPOSE); every activation tensor carries the scale and zero-point of one of our quantization points.
 2. numerics (`run_file`, `compare_codes`): N images through the file and through the simulation; exact-match
    rate, largest difference in output LSBs and top-1 agreement, with XNNPACK (the default CPU path, which gates)
    and with the builtin kernels. For int8 graphs the reference is the integer simulation (`int_sim_outputs`,
-   export/intsim.py: the runtime's own integer arithmetic, bit-exact with XNNPACK), and the float fake-quant
-   simulation (`sim_outputs`) is reported beside it (it drifts by 1-2 LSB over a deep graph: rounding ties
-   decided differently compound); int16 graphs are compared with the float simulation.
+   export/intsim.py: the runtime's own integer arithmetic, bit-exact with XNNPACK and with the builtin kernels,
+   tests/test_export_intsim.py), and the float fake-quant simulation (`sim_outputs`) is reported beside it (it
+   drifts by 1-2 LSB over a deep graph: rounding ties decided differently compound); int16 graphs are compared
+   with the float simulation.
 
     gate (int8 graphs)       any output more than 1 LSB off the integer simulation, or top-1 agreement below 99.9%
     gate (int16 graphs)      the same against the float simulation, in int16 LSBs
@@ -28,10 +30,10 @@ import torch
 from tqdm import tqdm
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from quantize.core import quantize
-from quantize.qmodel import QMobileNet, qlayers
-
-from .qdq import bias_codes
+from quantize.core import bias_scale, dequantize, quantize
+from quantize.fakequant import FakeQuant
+from quantize.qmodel import QMobileNet, qlayers, quant_points
+from quantize.spec import tflite_weight_axis
 
 __all__ = ["interpreter", "check_structure", "run_file", "sim_outputs", "int_sim_outputs", "compare_codes",
            "compare_float",
@@ -50,136 +52,171 @@ def interpreter(data: bytes, kernels: str = "xnnpack", threads: int = 1) -> Inte
     return it
 
 
+def _tflite_layout(a: np.ndarray, depthwise: bool) -> np.ndarray:
+    """A PyTorch weight in the layout of the file: conv (O, I, kh, kw) -> (O, kh, kw, I); depthwise
+    (C, 1, kh, kw) -> (1, kh, kw, C), so its channel axis is `tflite_weight_axis(True)`; linear unchanged."""
+    if a.ndim != 4:
+        return a
+    return a.transpose(1, 2, 3, 0) if depthwise else a.transpose(0, 2, 3, 1)
+
+
 def _our_layer_arrays(layer, kind: str) -> dict:
-    """Our weight codes in LiteRT layout, scales, and (for integer graphs) bias codes and bias scales."""
+    """What the file must hold for `layer`, read from our model and the spec of each quantizer (quantize/spec.py):
+    weight codes in LiteRT layout, their dtype, scales, zero-points and channel axis; for integer graphs the bias
+    codes, their dtype and scale s_in * s_w."""
     with torch.no_grad():
-        w, b = layer.folded_weight_bias()
+        w, _ = layer.folded_weight_bias()
         out = {"depthwise": layer.is_depthwise}
         if layer.w_fq is None:
-            out["weight"] = w.detach().float().numpy()
+            out["weight"] = _tflite_layout(w.detach().float().numpy(), layer.is_depthwise)
             return out
         fq = layer.w_fq
-        q = quantize(w, fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax, fq.axis).numpy()
-        out["scale"] = fq.scale.reshape(-1).float().numpy()
+        q = layer.weight_codes().numpy()
+        out.update(scale=fq.scale.reshape(-1).float().numpy(), zero_point=fq.zero_point.reshape(-1).numpy(),
+                   dtype=np.dtype(f"int{fq.spec.storage_bits}"), axis=tflite_weight_axis(layer.is_depthwise))
         if kind in ("int8", "int16"):
-            out["bias"] = bias_codes(layer).numpy()
-            out["bias_scale"] = (fq.scale.float() * float(layer.input_fq.scale)).reshape(-1).numpy()
-    if q.ndim == 4:  # (O, I, kh, kw) -> (O, kh, kw, I); depthwise (C, 1, kh, kw) -> (1, kh, kw, C)
-        q = q.transpose(1, 2, 3, 0) if layer.is_depthwise else q.transpose(0, 2, 3, 1)
-    elif kind == "weight-only":  # the classifier, written as a 1x1 conv: (O, I) -> (O, 1, 1, I)
+            out["bias"] = layer.bias_codes().numpy()
+            out["bias_dtype"] = np.dtype(f"int{layer.bias_spec.storage_bits}")
+            out["bias_scale"] = bias_scale(layer.input_fq.scale, fq.scale).numpy()
+    q = _tflite_layout(q, layer.is_depthwise)
+    if q.ndim == 2 and kind == "weight-only":  # the classifier, written as a 1x1 conv: (O, I) -> (O, 1, 1, I)
         q = q.reshape(q.shape[0], 1, 1, q.shape[1])
     out["codes"] = q
     return out
 
 
 def _act_qparams(qm: QMobileNet) -> set[tuple[float, int]]:
-    from quantize.fakequant import FakeQuant
-    from quantize.qmodel import quant_points
     return {(float(np.float32(fq.scale)), int(fq.zero_point)) for fq in quant_points(qm).values()
             if isinstance(fq, FakeQuant)}
 
 
-def check_structure(data: bytes, qm: QMobileNet, kind: str, float_io: bool) -> tuple[list[str], dict]:
-    """Problems found (empty when the file is what we meant) and a summary of what was checked."""
-    it = interpreter(data, "builtin")
-    td = {d["index"]: d for d in it.get_tensor_details()}
-    ops = it._get_ops_details()
-    producer = {o: op for op in ops for o in op["outputs"]}
-    g_in = {d["index"] for d in it.get_input_details()}
-    g_out = {d["index"] for d in it.get_output_details()}
-    problems: list[str] = []
-    layers = list(qlayers(qm).items())
-    weighted = [op for op in ops if op["op_name"] in _WEIGHTED]
-    if len(weighted) != len(layers):
-        problems.append(f"{len(weighted)} conv/FC ops in the file, {len(layers)} layers in the model")
-    int_graph = kind in ("int8", "int16")
-    checked_w = checked_b = 0
-    for op, (name, layer) in zip(weighted, layers):
-        ours = _our_layer_arrays(layer, kind)
-        w_idx = op["inputs"][1]
-        if kind == "weight-only" and w_idx in producer and producer[w_idx]["op_name"] == "DEQUANTIZE":
-            w_idx = producer[w_idx]["inputs"][0]
-        wt = td[w_idx]
-        if "codes" not in ours:  # float weights (FP32)
-            wf = it.get_tensor(w_idx)
-            ref = ours["weight"]
-            ref = ref.transpose(1, 2, 3, 0) if ours["depthwise"] else (ref.transpose(0, 2, 3, 1) if ref.ndim == 4
-                                                                        else ref)
-            if wf.dtype != np.float32 or wf.shape != ref.shape or not np.array_equal(wf, ref):
-                problems.append(f"{name}: float weight differs from the model's folded weight")
-            checked_w += 1
-            continue
-        qp = wt["quantization_parameters"]
-        want_dim = 3 if ours["depthwise"] else 0
-        if wt["dtype"] != np.int8:
-            problems.append(f"{name}: weight is {wt['dtype'].__name__}, not int8")
-            continue
-        if len(qp["scales"]) != len(ours["scale"]) or not np.array_equal(qp["scales"].astype(np.float32),
-                                                                          ours["scale"]):
-            problems.append(f"{name}: weight scales differ from ours (file {qp['scales'][:3]}..., "
-                            f"ours {ours['scale'][:3]}...)")
-        if np.any(qp["zero_points"] != 0):
-            problems.append(f"{name}: weight zero-points are not all 0")
-        if len(ours["scale"]) > 1 and qp["quantized_dimension"] != want_dim:
-            problems.append(f"{name}: weight quantized along dimension {qp['quantized_dimension']}, "
-                            f"expected {want_dim}")
-        codes = it.get_tensor(w_idx)
-        if codes.shape != ours["codes"].shape or not np.array_equal(codes.astype(np.int64), ours["codes"]):
-            problems.append(f"{name}: weight codes differ from ours (shape {codes.shape} vs "
-                            f"{ours['codes'].shape})")
-        checked_w += 1
-        if not int_graph:
-            continue
-        want_bias = np.int64 if kind == "int16" else np.int32
-        b_idx = op["inputs"][2] if len(op["inputs"]) > 2 else -1
-        if b_idx < 0:
-            if np.any(ours["bias"] != 0):
-                problems.append(f"{name}: the file has no bias but ours is non-zero")
-            checked_b += 1
-            continue
-        bt = td[b_idx]
-        if bt["dtype"] != want_bias:
-            problems.append(f"{name}: bias is {bt['dtype'].__name__}, expected {want_bias.__name__}")
-        bias = it.get_tensor(b_idx).astype(np.int64)
-        if bias.shape != ours["bias"].shape or not np.array_equal(bias, ours["bias"]):
-            bad = int(np.sum(bias != ours["bias"])) if bias.shape == ours["bias"].shape else -1
-            problems.append(f"{name}: bias integers differ from ours ({bad} of {len(ours['bias'])} channels)")
-        bs = bt["quantization_parameters"]["scales"].astype(np.float64)
-        if len(bs) != len(ours["bias_scale"]) or not np.allclose(bs, ours["bias_scale"], rtol=1e-6, atol=0):
-            problems.append(f"{name}: bias scale is not s_in * s_w")
-        checked_b += 1
+class _File:
+    """The interpreter's view of a file: tensors by index, ops, which op writes each tensor, graph io."""
 
-    edge_ops = []
-    for op in ops:
+    def __init__(self, data: bytes):
+        self.it = it = interpreter(data, "builtin")
+        self.td = {d["index"]: d for d in it.get_tensor_details()}
+        self.ops = it._get_ops_details()
+        self.producer = {o: op for op in self.ops for o in op["outputs"]}
+        self.inputs = {d["index"] for d in it.get_input_details()}
+        self.outputs = {d["index"] for d in it.get_output_details()}
+
+
+def _check_weight(f: _File, op: dict, name: str, ours: dict, kind: str) -> tuple[list[str], bool]:
+    """The weight of one conv / FC op against ours: values (float files) or dtype, scales, zero-points, axis, codes.
+    Returns (problems, whether the weight was compared: not when it has the wrong type)."""
+    w_idx = op["inputs"][1]
+    if kind == "weight-only" and w_idx in f.producer and f.producer[w_idx]["op_name"] == "DEQUANTIZE":
+        w_idx = f.producer[w_idx]["inputs"][0]
+    wt, got = f.td[w_idx], f.it.get_tensor(w_idx)
+    if "codes" not in ours:  # float weights (FP32)
+        ref = ours["weight"]
+        if got.dtype != np.float32 or got.shape != ref.shape or not np.array_equal(got, ref):
+            return [f"{name}: float weight differs from the model's folded weight"], True
+        return [], True
+    if wt["dtype"] != ours["dtype"]:
+        return [f"{name}: weight is {wt['dtype'].__name__}, not {ours['dtype'].name}"], False
+    problems = []
+    qp = wt["quantization_parameters"]
+    if len(qp["scales"]) != len(ours["scale"]) or not np.array_equal(qp["scales"].astype(np.float32), ours["scale"]):
+        problems.append(f"{name}: weight scales differ from ours (file {qp['scales'][:3]}..., "
+                        f"ours {ours['scale'][:3]}...)")
+    if len(qp["zero_points"]) != len(ours["zero_point"]) or np.any(qp["zero_points"] != ours["zero_point"]):
+        problems.append(f"{name}: weight zero-points differ from ours (all {int(ours['zero_point'][0])})")
+    if len(ours["scale"]) > 1 and qp["quantized_dimension"] != ours["axis"]:
+        problems.append(f"{name}: weight quantized along dimension {qp['quantized_dimension']}, "
+                        f"expected {ours['axis']}")
+    if got.shape != ours["codes"].shape or not np.array_equal(got.astype(np.int64), ours["codes"]):
+        problems.append(f"{name}: weight codes differ from ours (shape {got.shape} vs {ours['codes'].shape})")
+    return problems, True
+
+
+def _check_bias(f: _File, op: dict, name: str, ours: dict) -> list[str]:
+    """The integer bias of one conv / FC op against ours: dtype, codes, scale s_in * s_w."""
+    b_idx = op["inputs"][2] if len(op["inputs"]) > 2 else -1
+    if b_idx < 0:
+        return [f"{name}: the file has no bias but ours is non-zero"] if np.any(ours["bias"] != 0) else []
+    problems = []
+    bt = f.td[b_idx]
+    if bt["dtype"] != ours["bias_dtype"]:
+        problems.append(f"{name}: bias is {bt['dtype'].__name__}, expected {ours['bias_dtype'].name}")
+    bias = f.it.get_tensor(b_idx).astype(np.int64)
+    if bias.shape != ours["bias"].shape or not np.array_equal(bias, ours["bias"]):
+        bad = int(np.sum(bias != ours["bias"])) if bias.shape == ours["bias"].shape else -1
+        problems.append(f"{name}: bias integers differ from ours ({bad} of {len(ours['bias'])} channels)")
+    bs = bt["quantization_parameters"]["scales"].astype(np.float64)
+    if len(bs) != len(ours["bias_scale"]) or not np.allclose(bs, ours["bias_scale"], rtol=1e-6, atol=0):
+        problems.append(f"{name}: bias scale is not s_in * s_w")
+    return problems
+
+
+def _check_ops(f: _File, int_graph: bool, float_io: bool, weight_dtypes: set) -> tuple[list[str], list[str]]:
+    """(problems, edge ops): no QUANTIZE, DEQUANTIZE or TRANSPOSE inside the graph, only at its edges; in a float
+    graph, DEQUANTIZE only of weights stored as our weight specs say."""
+    problems, edge_ops = [], []
+    for op in f.ops:
         n = op["op_name"]
-        at_input = any(i in g_in for i in op["inputs"])
-        at_output = any(o in g_out for o in op["outputs"])
+        at_input = any(i in f.inputs for i in op["inputs"])
+        at_output = any(o in f.outputs for o in op["outputs"])
         if n == "TRANSPOSE" and at_input:
             edge_ops.append(n)
         elif int_graph and ((n == "QUANTIZE" and at_input) or (n == "DEQUANTIZE" and at_output)) and float_io:
             edge_ops.append(n)
         elif n in ("QUANTIZE", "TRANSPOSE") or (n == "DEQUANTIZE" and int_graph):
             problems.append(f"op {op['index']} {n} inside the graph")
-        elif n == "DEQUANTIZE" and td[op["inputs"][0]]["dtype"] != np.int8:
-            problems.append(f"op {op['index']} DEQUANTIZE of a {td[op['inputs'][0]]['dtype'].__name__} tensor")
+        elif n == "DEQUANTIZE" and np.dtype(f.td[op["inputs"][0]]["dtype"]) not in weight_dtypes:
+            problems.append(f"op {op['index']} DEQUANTIZE of a {f.td[op['inputs'][0]]['dtype'].__name__} tensor")
+    return problems, edge_ops
+
+
+def _check_activations(f: _File, qm: QMobileNet, float_io: bool) -> list[str]:
+    """An integer graph: no float tensor but the float-io edges; every activation of the spec's integer type
+    carries the scale and zero-point of one of our quantization points."""
+    problems = []
+    ours_act = _act_qparams(qm)
+    act_dt = np.dtype(f"int{qm.quant_in.spec.storage_bits}")
+    edge = set()
+    for op in f.ops:
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") and float_io:
+            edge |= {i for i in list(op["inputs"]) + list(op["outputs"]) if f.td[i]["dtype"] == np.float32}
+    for i, d in f.td.items():
+        if d["dtype"] == np.float32 and i not in edge:
+            problems.append(f"float tensor {d['name']!r} in an integer graph")
+    for i in {o for op in f.ops for o in op["outputs"]} | f.inputs:
+        d = f.td[i]
+        if d["dtype"] != act_dt:
+            continue
+        s, z = d["quantization_parameters"]["scales"], d["quantization_parameters"]["zero_points"]
+        if len(s) != 1 or (float(np.float32(s[0])), int(z[0])) not in ours_act:
+            problems.append(f"activation {d['name']!r} has qparams {s}, {z} that none of ours has")
+    return problems
+
+
+def check_structure(data: bytes, qm: QMobileNet, kind: str, float_io: bool) -> tuple[list[str], dict]:
+    """Problems found (empty when the file is what we meant) and a summary of what was checked."""
+    f = _File(data)
+    problems: list[str] = []
+    layers = list(qlayers(qm).items())
+    weighted = [op for op in f.ops if op["op_name"] in _WEIGHTED]
+    if len(weighted) != len(layers):
+        problems.append(f"{len(weighted)} conv/FC ops in the file, {len(layers)} layers in the model")
+    int_graph = kind in ("int8", "int16")
+    checked_w = checked_b = 0
+    for op, (name, layer) in zip(weighted, layers):
+        ours = _our_layer_arrays(layer, kind)
+        found, compared = _check_weight(f, op, name, ours, kind)
+        problems += found
+        if not compared:  # a weight of the wrong type: its bias is not worth comparing
+            continue
+        checked_w += 1
+        if int_graph:
+            problems += _check_bias(f, op, name, ours)
+            checked_b += 1
+    weight_dtypes = {np.dtype(f"int{layer.w_fq.spec.storage_bits}") for _, layer in layers if layer.w_fq is not None}
+    op_problems, edge_ops = _check_ops(f, int_graph, float_io, weight_dtypes)
+    problems += op_problems
     if int_graph:
-        ours_act = _act_qparams(qm)
-        act_dt = np.int16 if kind == "int16" else np.int8
-        edge = set()
-        for op in ops:
-            if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") and float_io:
-                edge |= {i for i in list(op["inputs"]) + list(op["outputs"]) if td[i]["dtype"] == np.float32}
-        for i, d in td.items():
-            if d["dtype"] == np.float32 and i not in edge:
-                problems.append(f"float tensor {d['name']!r} in an integer graph")
-        act_idx = {o for op in ops for o in op["outputs"]} | g_in
-        for i in act_idx:
-            d = td[i]
-            if d["dtype"] != act_dt:
-                continue
-            s, z = d["quantization_parameters"]["scales"], d["quantization_parameters"]["zero_points"]
-            if len(s) != 1 or (float(np.float32(s[0])), int(z[0])) not in ours_act:
-                problems.append(f"activation {d['name']!r} has qparams {s}, {z} that none of ours has")
+        problems += _check_activations(f, qm, float_io)
     summary = {"weights_checked": checked_w, "biases_checked": checked_b, "edge_ops": edge_ops,
                "layers": len(layers)}
     return problems, summary
@@ -199,7 +236,6 @@ def sim_outputs(qm: QMobileNet, images: torch.Tensor, int_out: bool, batch: int 
     """
     if int_out:
         fq = qm.quant_in
-        from quantize.core import dequantize
         images = dequantize(_io_codes(images, fq), fq.scale, fq.zero_point).double()
         qm = copy.deepcopy(qm).double()
     outs = [qm(images[i:i + batch]) for i in tqdm(range(0, len(images), batch), desc="float simulation",

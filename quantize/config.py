@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .spec import check_bits
+from .spec import Target, check_bits
+from .spec import target as spec_target
 
 __all__ = ["QuantConfig", "RECIPES", "recipe", "GRANULARITIES", "ACT_MODES", "CALIB_SOURCES"]
 
@@ -54,9 +55,9 @@ class QuantConfig:
         return self.w_bits is None and self.a_bits is None
 
     @property
-    def static_int(self) -> bool:
-        """Integer activations with fixed ranges: biases become int32 at s_in * s_w."""
-        return self.act_mode == "static" and self.w_bits is not None
+    def target(self) -> Target:
+        """The integer format this configuration simulates (quantize/spec.py): weight, activation, bias specs."""
+        return spec_target(self.w_bits, self.a_bits, self.per_channel, static=self.act_mode == "static")
 
     def to_dict(self) -> dict:
         return asdict(self)

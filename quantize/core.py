@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from .spec import QSpec, check_bits
+from .spec import BiasSpec, bias_spec
 
-__all__ = ["qrange", "choose_qparams", "quantize", "dequantize", "fake_quantize", "fake_quantize_spec",
-           "quantize_bias", "round_ste"]
+__all__ = ["choose_qparams", "quantize", "dequantize", "fake_quantize", "bias_scale", "bias_codes", "quantize_bias"]
 
 _EPS = torch.finfo(torch.float32).eps
-
-
-def qrange(bits: int, signed: bool = True, narrow_range: bool = False) -> tuple[int, int]:
-    """Integer range of a `bits`-wide code: signed 8 -> (-128, 127); narrow -> (-127, 127); unsigned -> (0, 255)."""
-    check_bits(bits)
-    if signed:
-        return -(1 << (bits - 1)) + int(narrow_range), (1 << (bits - 1)) - 1
-    return int(narrow_range), (1 << bits) - 1
+BIAS = bias_spec(8)  # the int32 bias range; what the file stores it in (int32 / int64) does not change the codes
 
 
 def _shape_for(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -75,11 +67,6 @@ def dequantize(q: torch.Tensor, scale, zero_point, axis: int | None = None) -> t
     return (q.to(torch.float32) - zp.to(torch.float32)) * scale
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round() whose gradient is the identity (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
-
-
 def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
     """dequantize(quantize(x)) in float, differentiable with the clipped straight-through estimator:
     d out / d x = 1 where the code falls inside [qmin, qmax], else 0 (as torch.fake_quantize_*_affine)."""
@@ -91,16 +78,21 @@ def fake_quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis
     return out.detach() + (x - x.detach()) * inside
 
 
-def fake_quantize_spec(x: torch.Tensor, spec: QSpec, scale, zero_point) -> torch.Tensor:
-    return fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax, spec.axis if spec.per_channel else None)
+def bias_scale(input_scale, weight_scale) -> torch.Tensor:
+    """s_in * s_w per output channel (C_out,), float32: the scale of an integer conv's accumulator and bias."""
+    return (torch.as_tensor(weight_scale, dtype=torch.float32) * float(input_scale)).reshape(-1)
 
 
-def quantize_bias(bias: torch.Tensor, input_scale: float, weight_scale: torch.Tensor) -> torch.Tensor:
-    """int32 bias codes at scale s_in * s_w (per output channel), zero-point 0; returns the dequantized float bias.
+def bias_codes(bias: torch.Tensor, input_scale, weight_scale, spec: BiasSpec = BIAS) -> torch.Tensor:
+    """The integer bias (int64 tensor of values in the spec's int32 range, zero-point 0): round(b / (s_in * s_w)),
+    rounded in float32 and clamped in float64 (2^31 - 1 is not a float32)."""
+    q = torch.round(bias.float() / bias_scale(input_scale, weight_scale))
+    return torch.clamp(q.double(), spec.qmin, spec.qmax).to(torch.int64)
 
-    This is the value an int8 LiteRT conv adds to its int32 accumulator, so the simulation adds the same.
+
+def quantize_bias(bias: torch.Tensor, input_scale, weight_scale, spec: BiasSpec = BIAS) -> torch.Tensor:
+    """The float value of `bias_codes`: codes * s_in * s_w per output channel.
+
+    This is the value an integer LiteRT conv adds to its int32 accumulator, so the simulation adds the same.
     """
-    s = (torch.as_tensor(weight_scale, dtype=torch.float32) * float(input_scale)).reshape(-1)
-    lo, hi = -(1 << 31), (1 << 31) - 1
-    q = torch.clamp(torch.round(bias.float() / s), lo, hi)
-    return q * s
+    return bias_codes(bias, input_scale, weight_scale, spec).to(torch.float32) * bias_scale(input_scale, weight_scale)

@@ -12,7 +12,8 @@ Each conv/linear is a `QLayer`: weight fake-quant per output channel (or per ten
 s_in * s_w when activations are static integers. For PTQ the BN is folded into the conv before `prepare`; for
 QAT the QLayer keeps its BN and simulates the fold (batch statistics until `freeze_bn`, then running ones), so
 a QAT model with frozen BN and observers computes exactly what its PTQ conversion (`to_ptq`) computes.
-Module paths mirror the float model (`features.3.conv.1` is the same layer in both).
+Module paths mirror the float model (`features.3.conv.1` is the same layer in both). The order of operations is
+the one graph walk (quantize/graph.py); the ranges, zero-points and bias rule are the target's (quantize/spec.py).
 """
 from __future__ import annotations
 
@@ -25,20 +26,22 @@ from torch import nn
 from mobilenet.fold import fold_bn, fold_model
 from mobilenet.model import ConvBNAct, InvertedResidual, MobileNetV2
 
+from . import graph
 from .config import QuantConfig
-from .core import quantize_bias
+from .core import bias_codes, quantize, quantize_bias
 from .fakequant import DynamicFakeQuant, FakeQuant
-from .spec import activation_spec, weight_spec
+from .graph import link_inputs
 
 __all__ = ["QLayer", "QInvertedResidual", "QMobileNet", "prepare", "calibrate", "freeze", "to_ptq",
            "qlayers", "quant_points", "set_observe", "freeze_bn", "weight_bytes"]
 
 
 def _act_quant(cfg: QuantConfig):
+    spec = cfg.target.activation
     if cfg.act_mode == "static":
-        return FakeQuant(activation_spec(cfg.a_bits), cfg.act_observer)
+        return FakeQuant(spec, cfg.act_observer)
     if cfg.act_mode == "dynamic":
-        return DynamicFakeQuant(activation_spec(cfg.a_bits))
+        return DynamicFakeQuant(spec)
     return None
 
 
@@ -49,10 +52,11 @@ class QLayer(nn.Module):
         super().__init__()
         self.op, self.bn, self.relu6 = op, bn, relu6
         c_out = op.out_channels if isinstance(op, nn.Conv2d) else op.out_features
-        self.w_fq = (FakeQuant(weight_spec(cfg.w_bits, cfg.per_channel), cfg.weight_observer, channels=c_out)
-                     if cfg.w_bits is not None else None)
+        target = cfg.target
+        self.w_fq = (FakeQuant(target.weight, cfg.weight_observer, channels=c_out)
+                     if target.weight is not None else None)
         self.out_fq = _act_quant(cfg)
-        self.quant_bias = cfg.static_int
+        self.bias_spec = target.bias  # None: the bias stays float (no integer accumulator to add it to)
         self.bn_frozen = False
         self.__dict__["input_fq"] = None  # the quantization point feeding this layer (not a child module)
 
@@ -77,12 +81,26 @@ class QLayer(nn.Module):
 
     def quant_bias_value(self, b: torch.Tensor) -> torch.Tensor:
         fq = self.input_fq
-        if not self.quant_bias or self.w_fq is None or fq is None or not isinstance(fq, FakeQuant):
+        if self.bias_spec is None or self.w_fq is None or fq is None or not isinstance(fq, FakeQuant):
             return b
         if not (fq.frozen or fq.fake_quant):  # calibration: the input scale is not known yet
             return b
-        qb = quantize_bias(b, float(fq.scale), self.w_fq.scale).to(b.dtype)
+        qb = quantize_bias(b, float(fq.scale), self.w_fq.scale, self.bias_spec).to(b.dtype)
         return qb.detach() + (b - b.detach())  # value qb exactly; gradient straight through (QAT trains biases)
+
+    @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor:
+        """The integer weight (int64, PyTorch layout) the file holds: the folded weight on the frozen grid."""
+        fq = self.w_fq
+        w, _ = self.folded_weight_bias()
+        return quantize(w.detach(), fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax, fq.axis).to(torch.int64)
+
+    @torch.no_grad()
+    def bias_codes(self) -> torch.Tensor:
+        """The integer bias (int64, per output channel) the file holds: what `quant_bias_value` adds, as codes."""
+        assert self.bias_spec is not None, "only a layer of an integer graph (static activations) has bias codes"
+        _, b = self.folded_weight_bias()
+        return bias_codes(b, float(self.input_fq.scale), self.w_fq.scale, self.bias_spec)
 
     def _op(self, x, w, b):
         if isinstance(self.op, nn.Conv2d):
@@ -127,12 +145,7 @@ class QInvertedResidual(nn.Module):
         self.add_fq = _act_quant(cfg) if self.use_res_connect else None
 
     def forward(self, x):
-        if not self.use_res_connect:
-            return self.conv(x)
-        y = x + self.conv(x)
-        if isinstance(self.add_fq, FakeQuant):
-            return self.add_fq.forward_inplace(y)  # y is the ADD's fresh output
-        return self.add_fq(y) if self.add_fq is not None else y
+        return graph.block(self, x, _FAKE_QUANT)
 
 
 class QMobileNet(nn.Module):
@@ -150,7 +163,7 @@ class QMobileNet(nn.Module):
         self.pool_fq = _act_quant(cfg)
         self.dropout = copy.deepcopy(model.classifier[0])
         self.classifier = QLayer(copy.deepcopy(model.classifier[1]), None, False, cfg)
-        _link_inputs(self)
+        link_inputs(self)
 
     @staticmethod
     def _layer(m: ConvBNAct, cfg: QuantConfig) -> QLayer:
@@ -158,31 +171,36 @@ class QMobileNet(nn.Module):
         return QLayer(copy.deepcopy(m[0]), copy.deepcopy(bn), isinstance(m[2], nn.ReLU6), cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) float -> (N, classes) float
-        if self.quant_in is not None:
-            x = self.quant_in(x)
-        x = self.features(x)
+        return graph.network(self, x, _FAKE_QUANT)
+
+
+class _FakeQuantOps(graph.Ops):
+    """The graph in float with fake quantization: each node's output through its quantization point."""
+
+    def input(self, net, x):
+        return net.quant_in(x) if net.quant_in is not None else x
+
+    def sequence(self, seq, x):
+        return seq(x)  # nn.Sequential: each QLayer / QInvertedResidual runs its own forward
+
+    def layer(self, layer, x):
+        return layer(x)
+
+    def add(self, block, skip, y):
+        y = skip + y
+        if isinstance(block.add_fq, FakeQuant):
+            return block.add_fq.forward_inplace(y)  # y is the ADD's fresh output
+        return block.add_fq(y) if block.add_fq is not None else y
+
+    def pool(self, net, x):
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        if self.pool_fq is not None:
-            x = self.pool_fq(x)
-        return self.classifier(self.dropout(x))
+        return net.pool_fq(x) if net.pool_fq is not None else x
+
+    def dropout(self, net, x):
+        return net.dropout(x)
 
 
-def _link_inputs(qm: QMobileNet):
-    """Tell every QLayer which quantization point feeds it (for its int32 bias scale s_in * s_w)."""
-    prev = qm.quant_in
-    for m in qm.features:
-        if isinstance(m, QLayer):
-            m.__dict__["input_fq"] = prev
-            prev = m.out_fq
-        else:
-            block_in = prev
-            for layer in m.conv:
-                layer.__dict__["input_fq"] = prev
-                prev = layer.out_fq
-            if m.use_res_connect:
-                prev = m.add_fq
-            del block_in
-    qm.classifier.__dict__["input_fq"] = qm.pool_fq
+_FAKE_QUANT = _FakeQuantOps()
 
 
 def prepare(model: MobileNetV2, cfg: QuantConfig, qat: bool = False) -> QMobileNet:

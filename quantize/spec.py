@@ -1,36 +1,50 @@
-"""The integer target, said once. quantize/ (PTQ, QAT) and export/ both import it.
+"""The integer target, said once: what an exported LiteRT file holds, and so what the simulation reproduces.
+The simulation (quantize/), the Q/DQ export model, the integer simulation and the validator (export/) read it here.
 
-LiteRT's int8 kernels (the TFLite quantization spec) expect:
+LiteRT's integer kernels (the TFLite quantization spec) expect:
 
-    tensor                 bits  range            zero-point   granularity
-    conv / linear weight   8     [-127, 127]      0            per output channel (axis 0 in PyTorch;
-                                                               depthwise: also per channel, stored by the
-                                                               converter as [1, kh, kw, C] with quantized
-                                                               dimension 3)
-    activation             8     [-128, 127]      any          per tensor (asymmetric)
-    activation, 16-bit     16    [-32767, 32767]  0            per tensor (symmetric: the int16 conv kernel
-                                                               rejects non-zero zero-points)
-    bias                   32    int32            0            per output channel, scale = s_in * s_w
+    tensor              bits  codes             zero-point  granularity                        held as
+    conv / FC weight    8     [-127, 127]       0           per output channel, or per tensor  int8
+    activation          8     [-128, 127]       any         per tensor (asymmetric)            int8
+    activation, 16-bit  16    [-32767, 32767]   0           per tensor (symmetric: the int16   int16
+                                                            conv kernel rejects zero-points)
+    bias                32    int32             0           per output channel,                int32; int64 beside
+                                                            scale s_in * s_w                   int16 activations
 
-Other bit widths (2..16) follow the same rules: weights symmetric narrow-range, activations asymmetric.
+Other widths (2..16) follow the same rules: weights symmetric narrow-range (4-bit: [-7, 7], held as int8),
+activations asymmetric. Which widths can become a file is export's decision (export/convert.py: export_kind).
+
+Channel axis of per-channel weights:
+
+    framework  layout                                                         axis
+    PyTorch    conv (C_out, C_in/groups, kh, kw), depthwise (C, 1, kh, kw),   0   WEIGHT_AXIS
+               linear (C_out, C_in)
+    LiteRT     conv (C_out, kh, kw, C_in), fully connected (C_out, C_in)     0   tflite_weight_axis(False)
+    LiteRT     depthwise (1, kh, kw, C), as the converter writes it           3   tflite_weight_axis(True)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["QSpec", "weight_spec", "activation_spec", "BIAS_BITS", "MIN_BITS", "MAX_BITS", "check_bits",
-           "WEIGHT_AXIS", "TFLITE_DEPTHWISE_AXIS"]
+import torch
+
+__all__ = ["QSpec", "BiasSpec", "Target", "weight_spec", "activation_spec", "bias_spec", "target", "check_bits",
+           "tflite_weight_axis", "MIN_BITS", "MAX_BITS", "WEIGHT_AXIS"]
 
 MIN_BITS, MAX_BITS = 2, 16
-BIAS_BITS = 32
-WEIGHT_AXIS = 0            # PyTorch conv/linear weights: (C_out, C_in/groups, kh, kw); depthwise: (C, 1, kh, kw)
-TFLITE_DEPTHWISE_AXIS = 3  # LiteRT depthwise weights: (1, kh, kw, C)
+WEIGHT_AXIS = 0            # PyTorch: output channels first (see the table above)
+_TFLITE_AXIS = {False: 0, True: 3}   # LiteRT, by "is depthwise"
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{what} should be an integer in [{MIN_BITS}, {MAX_BITS}] instead of {bits!r}")
     return bits
+
+
+def tflite_weight_axis(depthwise: bool) -> int:
+    """The quantized dimension of a per-channel weight in the file (see the table above)."""
+    return _TFLITE_AXIS[bool(depthwise)]
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,46 @@ class QSpec:
     def granularity(self) -> str:
         return "per-channel" if self.per_channel else "per-tensor"
 
+    @property
+    def storage_bits(self) -> int:
+        """Width of the integer type the file holds these codes in: 8 up to 8 bits (4-bit codes too), else 16."""
+        return 8 if self.bits <= 8 else 16
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.int8 if self.storage_bits == 8 else torch.int16
+
+
+@dataclass(frozen=True)
+class BiasSpec:
+    """The bias of an integer conv / FC: codes round(b / (s_in * s_w[c])) clamped to int32, zero-point 0, one scale
+    per output channel (the accumulator's scale, so the kernel adds the codes to its int32 sums as they are)."""
+    storage_bits: int = 32   # int32; LiteRT's int16-activation (16x8) kernels take int64 biases
+    bits: int = 32
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+
+@dataclass(frozen=True)
+class Target:
+    """The integer format of one model configuration; None where tensors stay float."""
+    weight: QSpec | None
+    activation: QSpec | None
+    static: bool             # activation ranges fixed by calibration (an integer graph), not taken per input
+
+    @property
+    def bias(self) -> BiasSpec | None:
+        """Integer biases only where the kernel is integer end to end: quantized weights, static activations."""
+        if self.static and self.weight is not None and self.activation is not None:
+            return bias_spec(self.activation.bits)
+        return None
+
 
 def weight_spec(bits: int = 8, per_channel: bool = True) -> QSpec:
     return QSpec(bits, symmetric=True, narrow_range=True, per_channel=per_channel, axis=WEIGHT_AXIS)
@@ -67,3 +121,14 @@ def activation_spec(bits: int = 8) -> QSpec:
     if bits == 16:
         return QSpec(16, symmetric=True, narrow_range=True, per_channel=False)
     return QSpec(bits, symmetric=False, narrow_range=False, per_channel=False)
+
+
+def bias_spec(a_bits: int = 8) -> BiasSpec:
+    return BiasSpec(storage_bits=64 if a_bits == 16 else 32)
+
+
+def target(w_bits: int | None, a_bits: int | None, per_channel: bool = True, static: bool = True) -> Target:
+    """The Target of weights of `w_bits` and activations of `a_bits` (None: float), static or dynamic ranges."""
+    return Target(weight_spec(w_bits, per_channel) if w_bits is not None else None,
+                  activation_spec(a_bits) if a_bits is not None else None,
+                  static and a_bits is not None)

@@ -8,8 +8,8 @@ layer at a time (bias correction, AdaRound):
 
 `visit(name, layer, x_float, x_quant)` is called before each layer is applied, in forward order, and may change
 the layer; both streams then go through it. The whole calibration batch flows at once (a few hundred images), so
-each layer is visited once. The forward order mirrors `QMobileNet.forward`; `walk` returns the quant-stream
-logits, which the tests compare with `qm(x)`.
+each layer is visited once. The order is the one graph walk (quantize/graph.py) that `QMobileNet.forward` runs
+too; `walk` returns the quant-stream logits, which the tests compare with `qm(x)`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .qmodel import QInvertedResidual, QLayer, QMobileNet, qlayers, quant_points, set_observe
+from .graph import Ops, network
+from .qmodel import QLayer, QMobileNet, qlayers, quant_points, set_observe
 
 __all__ = ["reference_weights", "float_forward", "walk"]
 
@@ -35,6 +36,37 @@ def float_forward(layer: QLayer, x: torch.Tensor, w: torch.Tensor, b: torch.Tens
     return torch.clamp(y, 0.0, 6.0) if layer.relu6 else y
 
 
+class _TwoStreams(Ops):
+    """A value is (float stream, quant stream); `visit` runs before each layer, under autograd."""
+
+    def __init__(self, names: dict, ref: dict, visit: Callable):
+        self.names, self.ref, self.visit = names, ref, visit
+
+    def input(self, net, x):
+        with torch.no_grad():
+            return x, (net.quant_in(x) if net.quant_in is not None else x)
+
+    def layer(self, layer, v):
+        name = self.names[id(layer)]
+        with torch.enable_grad():
+            self.visit(name, layer, *v)
+        with torch.no_grad():
+            return float_forward(layer, v[0], *self.ref[name]), layer(v[1])
+
+    def add(self, block, skip, v):
+        with torch.no_grad():
+            xq = skip[1] + v[1]
+            return skip[0] + v[0], (block.add_fq(xq) if block.add_fq is not None else xq)
+
+    def pool(self, net, v):
+        with torch.no_grad():
+            xf, xq = (torch.flatten(F.adaptive_avg_pool2d(t, 1), 1) for t in v)
+            return xf, (net.pool_fq(xq) if net.pool_fq is not None else xq)
+
+    def dropout(self, net, v):
+        return v[0], net.dropout(v[1])
+
+
 def walk(qm: QMobileNet, x: torch.Tensor, visit: Callable, ref: dict | None = None) -> torch.Tensor:
     """Run `x` (N, 3, H, W) through both streams, calling `visit` before every QLayer. Returns quant logits."""
     ref = reference_weights(qm) if ref is None else ref
@@ -43,40 +75,10 @@ def walk(qm: QMobileNet, x: torch.Tensor, visit: Callable, ref: dict | None = No
     qm.eval()
     saved = {n: (fq.observe, fq.fake_quant) for n, fq in quant_points(qm).items()}
     set_observe(qm, False, False)  # activation points pass through; frozen ones (none in PTQ) would still act
-
-    def step(layer, xf, xq):
-        name = names[id(layer)]
-        with torch.enable_grad():
-            visit(name, layer, xf, xq)
-        with torch.no_grad():
-            return float_forward(layer, xf, *ref[name]), layer(xq)
-
     try:
-        with torch.no_grad():
-            xf = x
-            xq = qm.quant_in(x) if qm.quant_in is not None else x
-        for m in qm.features:
-            if isinstance(m, QLayer):
-                xf, xq = step(m, xf, xq)
-                continue
-            assert isinstance(m, QInvertedResidual)
-            inf, inq = xf, xq
-            for layer in m.conv:
-                xf, xq = step(layer, xf, xq)
-            if m.use_res_connect:
-                with torch.no_grad():
-                    xf = inf + xf
-                    xq = inq + xq
-                    xq = m.add_fq(xq) if m.add_fq is not None else xq
-            del inf, inq
-        with torch.no_grad():
-            xf = torch.flatten(F.adaptive_avg_pool2d(xf, 1), 1)
-            xq = torch.flatten(F.adaptive_avg_pool2d(xq, 1), 1)
-            xq = qm.pool_fq(xq) if qm.pool_fq is not None else xq
-        _, out = step(qm.classifier, xf, qm.dropout(xq))
+        _, out = network(qm, x, _TwoStreams(names, ref, visit))
     finally:
         for n, fq in quant_points(qm).items():
             fq.observe, fq.fake_quant = saved[n]
         qm.train(was)
     return out
-

@@ -212,6 +212,32 @@ def test_w8a16_static_int16(ckpts, tmp_path):
     assert rep["validation"]["runs"]["xnnpack"]["max_lsb"] <= 8  # int16 LSBs
 
 
+def test_w4a8_stored_as_int8_is_exact(ckpts, tmp_path):
+    """--w4-storage int8: 4-bit codes in int8 tensors, every one in [-7, 7], each output channel reaching +-7 (its
+    min-max scale puts its largest weight there); the file validated bit for bit against the integer simulation
+    with XNNPACK and with the builtin kernels."""
+    path = tmp_path / "w4a8.tflite"
+    rc = _run(["--checkpoint", str(ckpts["W4A8"]), "--out", str(path), "--val-images", VAL,
+               "--data", str(CIFAR_TGZ), "--w4-storage", "int8"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "w4a8.tflite.json").read_text())
+    v = rep["validation"]
+    assert rep["export_kind"] == "int8" and v["passed"] and v["structure_problems"] == []
+    assert v["structure"]["weights_checked"] == v["structure"]["biases_checked"] == 53
+    for kernels in ("xnnpack", "builtin"):
+        r = v["runs"][kernels]
+        assert r["reference"] == f"integer simulation ({kernels} arithmetic)"
+        assert r["max_lsb"] == 0 and r["exact_outputs"] == 1.0 and r["n"] == int(VAL)
+    it = _interp(path)
+    for op in it._get_ops_details():
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        w = it.get_tensor(op["inputs"][1])
+        axis = 3 if op["op_name"] == "DEPTHWISE_CONV_2D" else 0
+        per_channel = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.int64)).max(1)
+        assert w.dtype == np.int8 and np.all(per_channel == 7), op["op_name"]
+
+
 @pytest.mark.parametrize("tag,argv,needle,code", [
     ("missing", [], "not found", 2),                  # an unusable input: 2, as every command
     ("fp32", ["--config", "W8A8"], "FP32 model", 1),  # refused exports: 1

@@ -1,8 +1,11 @@
-"""The integer simulation (export/intsim.py) against the real ai_edge_litert interpreter, bit for bit.
+"""The integer simulation (export/intsim.py, export/kernels.py) against the real ai_edge_litert interpreter, bit
+for bit.
 
 One tiny W8A8 model (width 0.25, 32x32, BN statistics from real images) is exported twice, with per-channel and
 with per-tensor weights (one litert-torch conversion each, ~30 s on the shared CPU); 256 real CIFAR-10 test
-images go through the file (XNNPACK, the default CPU path) and through `int_outputs`: every output code equal.
+images go through the file and through `int_outputs`, with XNNPACK (the default CPU path) and with the builtin
+kernels (BUILTIN_WITHOUT_DEFAULT_DELEGATES: TFLite's own int8 kernels, ruy and gemmlowp rounding): every output
+code equal.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def test_requant_golden_round_half_even():
         1000     250          clamp 130             127     127 - zp = 130
         -1000   -250          clamp -125           -128     -128 - zp = -125
     """
-    from export.intsim import requant_fp32
+    from export.kernels import requant_fp32
     acc = torch.tensor([10, 14, -6, -10, 3, 7, 1000, -1000])
     got = requant_fp32(acc, np.float32(0.25), -3)
     assert got.tolist() == [-1, 1, -5, -5, -2, -1, 127, -128]
@@ -44,7 +47,7 @@ def test_requant_golden_per_channel_scale():
         channel 0: acc 6 -> 1.5 -> 2;  acc -2 -> -0.5 -> -0 (half even);  + zp 1 -> 3, 1
         channel 1: acc 12 -> 1.5 -> 2;  acc 20 -> 2.5 -> 2;              + zp 1 -> 3, 3
     """
-    from export.intsim import conv_scale_xnnpack, requant_fp32
+    from export.kernels import conv_scale_xnnpack, requant_fp32
     s = conv_scale_xnnpack(0.5, [0.25, 0.125], 0.5)
     assert s.dtype == np.float32 and s.tolist() == [0.25, 0.125]
     acc = torch.tensor([[[6, -2]], [[12, 20]]]).permute(1, 0, 2)  # (N=1, C=2, 2)
@@ -53,7 +56,7 @@ def test_requant_golden_per_channel_scale():
 
 def test_scale_is_float32_product_then_quotient():
     """input_scale * kernel_scale / output_scale in float32, left to right (not in double)."""
-    from export.intsim import conv_scale_xnnpack
+    from export.kernels import conv_scale_xnnpack
     s_in, s_w, s_out = np.float32(0.0173), np.float32(0.00291), np.float32(0.0457)
     want = np.float32(np.float32(s_in * s_w) / s_out)
     assert conv_scale_xnnpack(s_in, [s_w], s_out)[0] == want
@@ -70,7 +73,7 @@ def test_relu6_bounds_and_add_golden():
             a 10, b 0: (8598325 + 8388610) >> 21 = 8 -> +2 = 10      ((10-5)*0.4 + 7*0.8 = 7.6)
             a 0,  b 3: (8598325 + 5033166) >> 21 = 6 -> +2 = 8       (-2 + 8 = 6)
     """
-    from export.intsim import add_params_xnnpack, add_xnnpack, qs8_quantize
+    from export.kernels import add_params_xnnpack, add_xnnpack, qs8_quantize
     assert qs8_quantize(6.0, 0.0235294, -128) == 127 and qs8_quantize(0.0, 0.0235294, -128) == -128
     assert add_params_xnnpack(0.1, 5, 0.2, -7, 0.25) == {"a_mul": 838861, "b_mul": 1677722, "shift": 21,
                                                         "bias": 8598325}
@@ -103,17 +106,30 @@ def test_images(cifar_small):
 
 
 @pytest.mark.parametrize("gran", ["per-channel", "per-tensor"])
-def test_int_sim_equals_xnnpack_exactly(exported, test_images, gran):
+@pytest.mark.parametrize("kernels", ["xnnpack", "builtin"])
+def test_int_sim_equals_interpreter_exactly(exported, test_images, gran, kernels):
     from export.intsim import int_outputs
-    from export.validate import run_file, sim_outputs
+    from export.validate import RESOLVERS, run_file, sim_outputs
+    from ai_edge_litert.interpreter import OpResolverType
     qm, data = exported[gran]
     x, _ = test_images
-    got = run_file(data, qm, x, kernels="xnnpack")
-    ours = int_outputs(qm, x, "xnnpack")
+    if kernels == "builtin":  # TFLite's own kernels, no delegate: the arithmetic export/kernels.py calls builtin
+        assert RESOLVERS["builtin"] == OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    got = run_file(data, qm, x, kernels=kernels)
+    ours = int_outputs(qm, x, kernels)
     assert got.shape == ours.shape == (len(x), 10)
     assert torch.equal(ours, got), f"{int((ours != got).sum())} outputs differ, max {(ours - got).abs().max()}"
     # the float fake-quant simulation is what drifts (reported beside, never the reference)
     assert (sim_outputs(qm, x, True) - got).abs().max() <= 2
+
+
+def test_builtin_and_xnnpack_arithmetic_differ(exported, test_images):
+    """The two kernel sets round differently (fp32 requantization against Q31 fixed point), so matching each
+    file run bit for bit says something about each: on these images the two simulations part somewhere."""
+    from export.intsim import int_outputs
+    qm, _ = exported["per-tensor"]
+    x, _ = test_images
+    assert not torch.equal(int_outputs(qm, x, "xnnpack"), int_outputs(qm, x, "builtin"))
 
 
 def test_validation_reports_both_references(exported, test_images):

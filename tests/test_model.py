@@ -82,10 +82,20 @@ def test_residual_only_where_stride_1_and_same_channels(layout):
 
 
 def test_residual_adds_input(tiny_model):
-    blk = next(m for m in tiny_model.features if isinstance(m, InvertedResidual) and m.use_res_connect)
-    x = torch.randn(2, blk.conv[0].conv.in_channels, 8, 8)
+    """With the last BN of a block set to output 0 (weight and bias 0, so the branch is exactly zero), a residual
+    block passes its input through unchanged and a block without a residual outputs zeros."""
+    res = next(m for m in tiny_model.features if isinstance(m, InvertedResidual) and m.use_res_connect)
+    plain = next(m for m in tiny_model.features if isinstance(m, InvertedResidual) and not m.use_res_connect)
+    for blk in (res, plain):
+        with torch.no_grad():
+            blk.conv[-1][1].weight.zero_()
+            blk.conv[-1][1].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, res.conv[0].conv.in_channels, 8, 8, generator=g)
+    xp = torch.randn(2, plain.conv[0].conv.in_channels, 8, 8, generator=g)
     with torch.no_grad():
-        assert torch.equal(blk(x), x + blk.conv(x))
+        assert torch.equal(res(x), x)
+        assert torch.count_nonzero(plain(xp)) == 0
 
 
 def test_cifar_strides_marked():

@@ -14,11 +14,11 @@ from conftest import tiny_config
 from mobilenet import CheckpointError, atomic_save, build_model, load_model
 from quantize import recipe
 from quantize.config import QuantConfig
-from quantize.core import choose_qparams, dequantize, fake_quantize, qrange, quantize, quantize_bias
+from quantize.core import bias_codes, choose_qparams, dequantize, fake_quantize, quantize, quantize_bias
 from quantize.fakequant import FakeQuant
 from quantize.observers import MinMaxObserver, MSEObserver, PercentileObserver, make_observer
 from quantize.qmodel import calibrate, freeze, prepare, qlayers
-from quantize.spec import QSpec, activation_spec, check_bits, weight_spec
+from quantize.spec import QSpec, activation_spec, bias_spec, check_bits, target, tflite_weight_axis, weight_spec
 
 
 # ------------------------------------------------------------------------------------------- golden vectors
@@ -43,7 +43,7 @@ def test_golden_4bit_per_channel_symmetric_narrow():
                       [1.0, 3.0, -15.0, 0.0]])
     # row 0 / 0.5 = 1.5, -1.5, 6.5, -10  -> round: 2, -2, 6 (ties to even), -10 -> clamp -7
     # row 1 / 2.0 = 0.5, 1.5, -7.5, 0    -> round: 0, 2, -8 -> clamp -7, 0
-    assert qrange(4, narrow_range=True) == (-7, 7)
+    assert (weight_spec(4).qmin, weight_spec(4).qmax) == (-7, 7)
     q = quantize(w, torch.tensor([0.5, 2.0]), torch.tensor([0, 0]), -7, 7, axis=0)
     assert q.tolist() == [[2, -2, 6, -7], [0, 2, -7, 0]]
     assert dequantize(q, torch.tensor([0.5, 2.0]), torch.tensor([0, 0]), axis=0).tolist() == \
@@ -69,14 +69,23 @@ def test_golden_16bit_per_tensor_symmetric():
     assert quantize(x, s, 0, spec.qmin, spec.qmax).tolist() == [1024, -1024, 32767, 32767, -32767, 0, 2, -2]
 
 
-def test_qrange_and_specs():
-    assert qrange(8) == (-128, 127)
-    assert qrange(8, narrow_range=True) == (-127, 127)
-    assert qrange(8, signed=False) == (0, 255)
-    assert qrange(16, narrow_range=True) == (-32767, 32767)
-    assert (weight_spec(8).qmin, weight_spec(8).qmax) == (-127, 127)
+def test_specs_state_the_litert_target():
+    """The table of quantize/spec.py, value by value: the LiteRT int8 / int16 quantization spec."""
+    assert (weight_spec(8).qmin, weight_spec(8).qmax, weight_spec(8).symmetric) == (-127, 127, True)
     assert (weight_spec(4).qmin, weight_spec(4).qmax) == (-7, 7)
     assert (activation_spec(8).qmin, activation_spec(8).qmax, activation_spec(8).symmetric) == (-128, 127, False)
+    assert (activation_spec(16).qmin, activation_spec(16).qmax, activation_spec(16).symmetric) == (-32767, 32767, True)
+    assert [s.storage_dtype for s in (weight_spec(4), weight_spec(8), activation_spec(16))] == \
+        [torch.int8, torch.int8, torch.int16]
+    assert (bias_spec(8).qmin, bias_spec(8).qmax) == (-(2 ** 31), 2 ** 31 - 1)
+    assert (bias_spec(8).storage_bits, bias_spec(16).storage_bits) == (32, 64)
+    assert (tflite_weight_axis(False), tflite_weight_axis(True), weight_spec(8).axis) == (0, 3, 0)
+    # a configuration's target: integer biases only with quantized weights and static activations
+    assert recipe("W8A8").target.bias == bias_spec(8)
+    assert recipe("W8A8", granularity="per-tensor").target.weight == weight_spec(8, per_channel=False)
+    assert recipe("W8A16").target.bias is None                       # dynamic ranges: no fixed input scale
+    assert recipe("W8A32").target.bias is None and recipe("W8A32").target.activation is None
+    assert target(8, 16, static=True).bias == bias_spec(16)          # what the static int16 export uses
 
 
 # ---------------------------------------------------------------------------------------- choose_qparams
@@ -103,7 +112,8 @@ def test_choose_qparams_symmetric_asymmetric():
 
 def test_narrow_range_never_uses_minus_128():
     w = torch.linspace(-3, 3, 101)
-    s, z = choose_qparams(w.min(), w.max(), *qrange(8, narrow_range=True), symmetric=True)
+    spec = weight_spec(8)
+    s, z = choose_qparams(w.min(), w.max(), spec.qmin, spec.qmax, symmetric=True)
     q = quantize(w, s, z, -127, 127)
     assert int(q.min()) == -127 and int(q.max()) == 127
 
@@ -155,6 +165,11 @@ def test_quantize_bias_int32_at_input_times_weight_scale():
     # s_in 0.5, s_w [0.25, 0.125] -> bias scales 0.125, 0.0625; 1.0 / 0.125 = 8, 0.1 / 0.0625 = 1.6 -> 2
     b = quantize_bias(torch.tensor([1.0, 0.1]), 0.5, torch.tensor([0.25, 0.125]))
     assert b.tolist() == [1.0, 0.125]
+    q = bias_codes(torch.tensor([1.0, 0.1]), 0.5, torch.tensor([0.25, 0.125]))
+    assert q.dtype == torch.int64 and q.tolist() == [8, 2]
+    # clamped to int32: +-1e9 / 0.0625 = +-1.6e10 -> -2^31, 2^31 - 1 (exactly: the clamp is not in float32)
+    big = bias_codes(torch.tensor([-1e9, 1e9]), 0.5, torch.tensor([0.125, 0.125]))
+    assert big.tolist() == [-(2 ** 31), 2 ** 31 - 1]
 
 
 # ---------------------------------------------------------------------------------------------- observers

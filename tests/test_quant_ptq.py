@@ -88,6 +88,48 @@ def test_walk_quant_stream_is_the_model(model, images):
     assert torch.equal(walk(qm, images, lambda *a: None), qm(images))
 
 
+def test_one_graph_walk_orders_every_evaluator(model, images):
+    """quantize/graph.py is the one order: a recording evaluator sees every layer once, in module order, each
+    residual add right after its block's last layer; walk() visits the same layers in the same order; and
+    link_inputs feeds each layer from the point the walk had just produced (the ADD's after a residual block)."""
+    from quantize import graph
+    qm = prepare(model, recipe("W8A8"))
+    seen, feeds = [], {}
+    names = {id(m): n for n, m in qm.named_modules()}
+
+    class Record(graph.Ops):
+        def input(self, net, x):
+            return net.quant_in
+
+        def layer(self, layer, src):
+            seen.append(names[id(layer)])
+            feeds[names[id(layer)]] = src
+            return layer.out_fq
+
+        def add(self, block, skip, y):
+            seen.append(names[id(block)] + ".add")
+            return block.add_fq
+
+        def pool(self, net, x):
+            return net.pool_fq
+
+    graph.network(qm, None, Record())
+    layers = list(qlayers(qm))
+    assert [n for n in seen if not n.endswith(".add")] == layers
+    n_res = sum(1 for m in qm.features if graph.is_block(m) and m.use_res_connect)
+    assert len(layers) == 53 and n_res > 0 and len(seen) == len(layers) + n_res
+    for i, n in enumerate(seen):
+        if n.endswith(".add"):
+            assert seen[i - 1].startswith(n[:-len(".add")] + ".conv.")
+    assert all(qm.get_submodule(n).input_fq is feeds[n] for n in layers)
+    assert feeds["features.0"] is qm.quant_in and feeds["classifier"] is qm.pool_fq
+    assert feeds["features.4.conv.0"] is qm.features[3].add_fq        # after the first residual block
+    visited = []
+    set_observe(qm, False, False)
+    walk(qm, images[:2], lambda name, *a: visited.append(name))
+    assert visited == layers
+
+
 def _blockwise_rel_err(before, after, images) -> float:
     """Largest relative error of each equalized unit (stem + first block, then every block) fed the original
     model's input to it: the exactness of CLE without the error amplification of a deep random network."""
@@ -182,15 +224,25 @@ def test_adaround_never_worse_and_snapped():
 
 
 def test_adaround_keeps_nearest_when_it_is_better():
-    layer = _toy_layer()
-    w0 = layer.op.weight.detach().clone()
-    x = torch.randn(32, 8, 6, 6, generator=torch.Generator().manual_seed(5))
-    target = float_forward(layer, x, w0, layer.op.bias.detach())
-    rep = adaround_layer(layer, x, target, iters=0)  # no learning: a floor-or-ceil guess, never kept if worse
-    q_rtn = torch.round(w0 / layer.w_fq.scale.reshape(-1, 1, 1, 1)).clamp(-7, 7)
-    if rep["kept"] == "nearest":
-        assert torch.equal(layer.op.weight.detach(), q_rtn * layer.w_fq.scale.reshape(-1, 1, 1, 1))
-    assert min(rep["err_adaround"], rep["err_nearest"]) <= rep["err_nearest"]
+    """A layer whose target is its own round-to-nearest output (so rounding to nearest is perfect, error 0) and
+    whose weights sit on ties w / s = k + 0.5, where AdaRound without learning (h(V) starts at 0.5) and round-half-
+    even cannot agree for both parities: 2.5 -> 2 and 3.5 -> 4 to nearest, but AdaRound rounds both up or both
+    down. Its rounding is therefore worse, and the layer must keep round-to-nearest."""
+    from quantize.qmodel import QLayer
+    conv = torch.nn.Conv2d(4, 2, 1, bias=True)
+    with torch.no_grad():       # per output channel, max |w| = 7 -> 4-bit scale 7 / 7 = 1: w / s is exact
+        conv.weight.copy_(torch.tensor([[7.0, 2.5, 3.5, -0.5], [-7.0, 1.5, -2.5, 0.25]]).reshape(2, 4, 1, 1))
+        conv.bias.copy_(torch.tensor([0.5, -0.25]))
+    layer = QLayer(conv, None, True, recipe("W4A32"))
+    w0, b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    q_rtn = torch.tensor([[7.0, 2.0, 4.0, 0.0], [-7.0, 2.0, -2.0, 0.0]]).reshape(2, 4, 1, 1)  # half to even
+    x = torch.randn(32, 4, 3, 3, generator=torch.Generator().manual_seed(5))
+    target = float_forward(layer, x, q_rtn, b)              # scale 1: the round-to-nearest layer's output
+    rep = adaround_layer(layer, x, target, iters=0)
+    assert torch.equal(layer.w_fq.scale, torch.ones(2))
+    assert rep["err_nearest"] == 0.0 < rep["err_adaround"] and rep["kept"] == "nearest"
+    assert torch.equal(layer.op.weight.detach(), q_rtn)     # the snapped weight: nearest, exactly
+    assert not torch.equal(w0, q_rtn)
 
 
 # ----------------------------------------------------------------------------------------------- run_ptq
