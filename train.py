@@ -241,8 +241,16 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return max(1, round(cfg.warmup * total_steps), min(MIN_WARMUP_STEPS, total_steps // 2))
 
 
+def peak_scale(cfg: TrainConfig, total_steps: int) -> float:
+    """The warm-up never climbs faster than a MIN_WARMUP_STEPS ramp to --lr: a run too short for that ramp peaks
+    where the ramp has got to (a 16-step run of a width-0.25 model diverged at step 8 on an 8-step ramp to 0.2)."""
+    warm = warmup_steps(cfg, total_steps)
+    return min(1.0, warm / MIN_WARMUP_STEPS) if warm else 1.0
+
+
 def _scheduler(opt, cfg: TrainConfig, total_steps: int):
-    peak = opt.param_groups[0]["lr"]
+    scale = peak_scale(cfg, total_steps)
+    peak = opt.param_groups[0]["lr"] * scale
     warm = warmup_steps(cfg, total_steps)
     if cfg.schedule == "onecycle" and total_steps >= 4:   # OneCycleLR needs >= 2 steps in each of its phases
         warm = min(max(warm, 2), total_steps - 2)
@@ -250,12 +258,12 @@ def _scheduler(opt, cfg: TrainConfig, total_steps: int):
         return torch.optim.lr_scheduler.OneCycleLR(opt, peak, total_steps=total_steps,
                                                    pct_start=min(warm / total_steps, 0.99), cycle_momentum=False)
 
-    def factor(step):  # multiplier of the peak lr at `step` (0-based)
+    def factor(step):  # multiplier of --lr at `step` (0-based)
         if cfg.schedule == "onecycle":   # fewer than 4 steps: no room for a cycle, stay at its starting rate
-            return 1 / 25
+            return scale / 25
         if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+            return scale * (step + 1) / warm
+        return scale * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -377,6 +385,10 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
         history, start = list(resume_ckpt["metrics"]), int(resume_ckpt["epoch"])
         say(f"resuming {cfg.out} after epoch {start} of {cfg.epochs}")
     out = Path(cfg.out)
+    if cfg.epochs > 0 and peak_scale(cfg, steps * cfg.epochs) < 1:
+        say(f"a short run ({steps * cfg.epochs} steps): the learning rate peaks at "
+            f"{peak_scale(cfg, steps * cfg.epochs) * cfg.lr * cfg.batch_size / 128:.4g}, where a "
+            f"{MIN_WARMUP_STEPS}-step warm-up would be after {warmup_steps(cfg, steps * cfg.epochs)} steps")
     say(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device} x{world}: "
         f"{cfg.epochs} epochs of {steps} steps of {cfg.batch_size} images, {len(ds.train)} training images, "
         f"eval on {len(test)} test images")

@@ -123,7 +123,8 @@ def write_chain_report(out: Path, command: str, baseline: str) -> tuple[Path, Pa
         row.update(_host(bench_csv, qfile))
         write_matrix_row(out / "matrix.csv", row)
     write_meta(out / "meta.json", collect_meta(command, baseline,
-                                               eval_subset=f"{m.get('n', '?')} CIFAR-10 test images (stratified)"))
+                                               eval_subset=f"{m.get('n', '?')} test images (stratified) of "
+                                                           f"{q.get('data', {}).get('root', '?')}"))
     stages = stage_summary(out)
     atomic_write_text(json.dumps(stages, indent=2) + "\n", out / "stages.json")
     return write_report(out, prune_dir=out / "prune", title="mnv2-compress: the whole chain",

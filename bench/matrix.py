@@ -220,10 +220,12 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
     csv_path = out / "matrix.csv"
     dataset = load_dataset(DataConfig(source="folder", root=cfg.data, layout=model.cfg.layout,
                                       calib_size=cfg.calib_size))
+    dataset.check_classes(model.cfg.num_classes, cfg.checkpoint)
     eval_split = dataset.test.subset(torch.arange(0, len(dataset.test), cfg.eval_every))
     meta = collect_meta(command or "python -m bench --matrix", cfg.checkpoint,
-                        eval_subset=f"every {cfg.eval_every}th CIFAR-10 test image ({len(eval_split)} images)",
-                        seed=0)
+                        eval_subset=f"every {cfg.eval_every}th test image of {dataset.root} ({len(eval_split)} "
+                                    f"images, {len(dataset.classes)} classes)", seed=0)
+    meta["data"] = dataset.describe()
     # a resumed matrix is the work of several invocations: keep each one's command and commit
     old = read_meta(out / "meta.json") if (out / "meta.json").is_file() else None
     history = list((old or {}).get("history") or ([{k: old.get(k) for k in _RUN_KEYS}] if old else []))

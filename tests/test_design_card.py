@@ -76,3 +76,28 @@ def test_each_command_says_what_is_missing_and_which_command_makes_it(capsys):
     assert bench_cli.main(["--device"]) == 2
     err = capsys.readouterr().err
     assert "no MODEL.tflite given" in err and "run `python -m quantize" in err
+
+
+def test_matrix_takes_the_users_model_and_data(tree, tmp_path):
+    """python -m bench --matrix --checkpoint CKPT --data TREE: the study on the user's own 3-class model and data."""
+    import torch
+    from conftest import tiny_config
+    from mobilenet import build_model
+    from mobilenet.checkpoint import FORMAT, atomic_save
+    from bench.results import read_matrix
+    torch.manual_seed(0)
+    model = build_model(tiny_config(num_classes=3))
+    ckpt = tmp_path / "mine.pt"
+    atomic_save({"format": FORMAT, "kind": "fp32", "model_config": model.cfg.to_dict(),
+                 "model": model.state_dict()}, ckpt)
+    out = tmp_path / "matrix"
+    assert bench_cli.main(["--matrix", "--checkpoint", str(ckpt), "--data", str(tree), "--out", str(out),
+                           "--only", "FP32,W8A8", "--quick", "--eval-every", "1", "--calib-size", "32",
+                           "--val-images", "24", "--host-runs", "3"]) == 0
+    rows = read_matrix(out / "matrix.csv")
+    assert [(r["config"], r["export_status"]) for r in rows] == [("FP32", "ok"), ("W8A8", "ok")]
+    assert rows[1]["max_lsb"] == 0 and rows[1]["eval_images"] == 24
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["data"]["root"] == str(tree.resolve()) and meta["data"]["classes"] == ["checker", "hstripes",
+                                                                                          "vstripes"]
+    assert str(tree.resolve()) in (out / "report.md").read_text()

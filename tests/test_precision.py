@@ -63,6 +63,8 @@ def test_budget_steps_golden():
 def test_warmup_is_never_a_handful_of_steps(warmup, total, steps):
     cfg = train.TrainConfig(warmup=warmup, schedule="cosine" if warmup == 0 else "onecycle")
     assert train.warmup_steps(cfg, total) == steps
+    # and never steeper than a 50-step ramp: a 30-step run (15 rising) peaks at 15/50 of --lr
+    assert train.peak_scale(cfg, total) == (min(1.0, steps / 50) if steps else 1.0)
 
 
 def test_divergence_guard():
