@@ -2,7 +2,7 @@
 
     python train.py                                       # CIFAR-10, width 1.0, ~6 min on 2 idle cores (est.)
     python train.py --epochs 30 --max-train-images 0      # every training image in every epoch
-    python train.py --root my_images.tar.gz --init mobilenet_v2_imagenet.pt --layout imagenet
+    python train.py --data my_images.tar.gz --init mobilenet_v2_imagenet.pt --layout imagenet
     python train.py --resume --out runs/baseline          # continue an interrupted run
     torchrun --nproc_per_node 4 train.py --device cuda    # DistributedDataParallel, one process per GPU
 
@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, Parser, add_config, opt,
+                        run_command, torch_device)
 from mobilenet import (CheckpointError, ModelConfig, atomic_save, atomic_write_text, build_model,
                        from_torchvision_state_dict, load_checkpoint)
 from mobilenet.checkpoint import FORMAT
@@ -40,17 +42,18 @@ from mobilenet.runs import record, runs_dir
 __all__ = ["TrainConfig", "build_parser", "main", "train", "param_digest"]
 
 SCHEDULES = ("onecycle", "cosine")
-DEVICES = ("auto", "cpu", "cuda")
 # Fields that may differ on --resume: where things live and what runs after the baseline, not how it trains.
-RESUME_MAY_CHANGE = ("device", "out", "resume", "root", "cache_dir", "download", "prune", "prune_structured",
-                     "prune_sweep_minutes", "prune_budget_minutes")
+RESUME_MAY_CHANGE = ("device", "out", "resume", "data", "cache_dir", "eval_images", "download", "prune",
+                     "prune_structured", "prune_sweep_minutes", "prune_budget_minutes")
+# Saved configs of earlier releases spelled these flags differently (--root, --source).
+_RENAMED = {"root": "data", "source": "data_source"}
 # A warm-up of a few steps to a peak of 0.2 blows a fresh network up (a 3-step warm-up on a small grayscale set
 # went from loss 2.34 to 9.4); at least this many steps (or half the run, if shorter) rise to the peak.
 MIN_WARMUP_STEPS = 50
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+_f = opt
+PROG = "train.py"
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -63,8 +66,8 @@ class TrainConfig:
     classes: int = _f(0, "output classes; 0 = the number of classes in the data")
     dropout: float = _f(0.2, "dropout before the classifier")
     # data
-    source: str = _f("folder", "folder (ImageFolder directory or .tar.gz) | cifar-batches | random")
-    root: str = _f(DEFAULT_DATA, "data directory or archive")
+    data: str = _f(DEFAULT_DATA, DATA_HELP)
+    data_source: str = _f("folder", DATA_SOURCE_HELP)
     cache_dir: str = _f(DEFAULT_CACHE, "where archives are unpacked and decoded images kept")
     download: bool = _f(False, "cifar-batches: fetch CIFAR-10 with torchvision if missing (needs a network)")
     calib_size: int = _f(1000, "images in the fixed calibration split drawn from train (for quantization)")
@@ -74,7 +77,7 @@ class TrainConfig:
                                     "time measured at the start, so a slower machine trains on fewer images; "
                                     "0 = none (every image of every epoch)")
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
-    eval_stride: int = _f(5, "evaluate on every k-th test image, a class-stratified subset; 1 = all")
+    eval_images: int = _f(2000, EVAL_IMAGES_HELP)
     # optimization
     epochs: int = _f(2, "training epochs")
     batch_size: int = _f(128, "images per optimizer step, summed over all processes")
@@ -91,7 +94,7 @@ class TrainConfig:
                                  "default: bf16 where the device runs it natively (CUDA with bf16, CPUs with "
                                  "AVX512_BF16 or AMX), FP32 elsewhere")
     channels_last: bool = _f(True, "NHWC memory format (faster convolutions on CPU and GPU)")
-    device: str = _f("auto", "cpu | cuda | auto (cuda when available)")
+    device: str = _f("auto", DEVICE_HELP + "; under torchrun each process takes cuda:<LOCAL_RANK>")
     seed: int = _f(0, "seed of weight init, shuffling, augmentation and dropout")
     out: str = _f("", "output directory for checkpoint.pt and metrics.json (default: runs/baseline, under "
                      "$MNV2_RUNS when set)")
@@ -108,15 +111,16 @@ class TrainConfig:
 
         def bad(flag, value, want):
             raise ValueError(f"--{flag} should be {want} instead of {value!r}")
-        for name, choices in (("layout", LAYOUTS), ("source", SOURCES), ("schedule", SCHEDULES), ("device", DEVICES)):
+        for name, choices in (("layout", LAYOUTS), ("data_source", SOURCES), ("schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
-                bad(name, getattr(self, name), f"one of {', '.join(choices)}")
+                bad(name.replace("_", "-"), getattr(self, name), f"one of {', '.join(choices)}")
         # (field, test, wanted): every range check names the flag and the value it got
         ranges = [(n, lambda v: v >= 0, ">= 0") for n in ("epochs", "classes", "max_train_images",
                                                           "max_steps_per_epoch", "calib_size", "weight_decay",
+                                                          "eval_images",
                                                           "budget_minutes", "prune_sweep_minutes",
                                                           "prune_budget_minutes")]
-        ranges += [(n, lambda v: v >= 1, ">= 1") for n in ("batch_size", "eval_every", "eval_stride")]
+        ranges += [(n, lambda v: v >= 1, ">= 1") for n in ("batch_size", "eval_every")]
         ranges += [(n, lambda v: v > 0, "> 0") for n in ("width", "lr")]
         ranges += [(n, lambda v: 0 <= v < 1, "in [0, 1)") for n in ("dropout", "label_smoothing", "prune_structured")]
         for name, ok, want in ranges:
@@ -136,26 +140,14 @@ class TrainConfig:
                 bad("prune", self.prune, "a ratio in (0, 1) or auto")
 
     def data_config(self) -> DataConfig:
-        return DataConfig(source=self.source, root=self.root, layout=self.layout, cache_dir=self.cache_dir,
+        return DataConfig(source=self.data_source, root=self.data, layout=self.layout, cache_dir=self.cache_dir,
                           download=self.download, calib_size=self.calib_size)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse's own code), no usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One option per TrainConfig field. Defaults are SUPPRESSed so `main` knows which flags the user gave."""
-    p = _Parser(prog="train.py", description=__doc__.split("\n\n")[0])
-    types = {"int": int, "float": float, "str": str}
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help = f"{f.metadata['help']} (default: {f.default!r})"
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        else:
-            p.add_argument(flag, type=types[f.type], default=argparse.SUPPRESS, help=help)
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_config(p, TrainConfig, suppress=True)
     return p
 
 
@@ -268,11 +260,9 @@ def _scheduler(opt, cfg: TrainConfig, total_steps: int):
 
 
 def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available here (use --device cpu or auto)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device("cpu")
+    """--device as common.cli reads it; under torchrun a plain `cuda` is this process's GPU."""
+    dev = torch_device(name)
+    return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
 
 
 def _fit_budget(model, loader, cfg: TrainConfig, bf16: bool, test_images: int, world: int) -> dict:
@@ -329,8 +319,8 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     ds = _rank0_first(world, rank, lambda: load_dataset(cfg.data_config()))
     n_classes = cfg.classes or len(ds.classes)
     if n_classes < len(ds.classes):
-        raise ValueError(f"--classes {cfg.classes} is fewer than the {len(ds.classes)} classes in {cfg.root}")
-    test = ds.test.subset(torch.arange(0, len(ds.test), cfg.eval_stride))
+        raise ValueError(f"--classes {cfg.classes} is fewer than the {len(ds.classes)} classes in {cfg.data}")
+    test = ds.test.stratified(cfg.eval_images)
 
     # 2. model: fresh, from --init, or from the checkpoint being resumed
     torch.manual_seed(cfg.seed)
@@ -492,7 +482,8 @@ def _config_for(given: dict) -> tuple[TrainConfig, dict | None]:
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != FORMAT or not {"config", "optimizer", "rng", "epoch"} <= set(ckpt):
         raise CheckpointError(f"--resume: {path} is not a training checkpoint written by train.py")
-    saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)}}
+    saved = {_RENAMED.get(k, k): v for k, v in ckpt["config"].items()}
+    saved = {k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}}
     for k, v in given.items():
         if k not in RESUME_MAY_CHANGE and saved.get(k) != v:
             raise ValueError(f"--resume: --{k.replace('_', '-')} {v!r} differs from the saved run's "
@@ -505,15 +496,14 @@ def main(argv: list[str] | None = None) -> int:
         given = vars(build_parser().parse_args(argv))
     except SystemExit as e:  # --help (0) or a malformed flag (2, message already printed)
         return int(e.code or 0)
-    try:
-        cfg, resume_ckpt = _config_for(given)
-        train(cfg, resume_ckpt)
-    except (ValueError, OSError) as e:  # CheckpointError and DataError are ValueErrors
-        print(f"train.py: error: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return 2
-    return 0
+
+    def body():
+        try:
+            train(*_config_for(given))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return run_command(PROG, body)
 
 
 if __name__ == "__main__":

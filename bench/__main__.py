@@ -1,19 +1,20 @@
-"""`python -m bench`: time .tflite files on this computer, or on a phone with --device.
+"""`python -m bench`: time .tflite files here or on a phone, run the experiment matrix or the whole chain.
 
-    python -m bench MODEL.tflite [MODEL2 ...] --threads 1,2 --xnnpack on,off --runs 50 \
-        --warmup 5 [--budget-s 10] --csv out.csv
-    python -m bench --device MODEL.tflite [--benchmark-binary ./benchmark_model] \
-        [--serial SERIAL] [--threads 1,4] [--use-gpu] [--taskset f0] [--op-profiling] \
-        [--remote-dir /data/local/tmp] [--keep] --csv results/android.csv
+    python -m bench host MODEL.tflite [MODEL2 ...] --threads 1,2 --xnnpack on,off --runs 50 [--csv out.csv]
+    python -m bench phone [MODEL.tflite ...] [--serial SERIAL] [--threads 1,4] [--use-gpu] [--csv android.csv]
+    python -m bench matrix [--checkpoint CKPT] [--data TREE] [--phone]
+    python -m bench chain [--device cuda] [--qat]
+    python -m bench report RESULTS_DIR
 
-The parser is built from one config dataclass per mode (bench.host.HostConfig,
-bench.device.DeviceConfig); a new mode adds an entry to MODES and a flag in
-build_parser(), and main() dispatches on it.
+With no model, host and phone time the latest validated .tflite recorded in runs/latest.json. The earlier
+spellings still work as the design card writes them: `python -m bench --device` is `bench phone`,
+`python -m bench MODEL.tflite` is `bench host`, and `--chain`, `--matrix`, `--report` name their subcommand.
+Each subcommand's options come from its config dataclass (bench.host.HostConfig, bench.device.DeviceConfig,
+bench.matrix.MatrixConfig, bench.chain.ChainConfig, bench.study_report.ReportConfig).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shlex
@@ -25,35 +26,13 @@ from bench.host import HOST_COLUMNS, HostConfig, host_description, run_host, run
 from bench.chain import ChainConfig, run_chain
 from bench.matrix import MatrixConfig, run_matrix
 from bench.report import format_table, write_csv, write_json
+from common.cli import CheckFailed, Parser, add_config, config_from, run_command
 from bench.study_report import ReportConfig, run_report
 from mobilenet.runs import find_input
 
-__all__ = ["MODES", "build_parser", "main"]
+__all__ = ["MODES", "build_parser", "canonical_argv", "main"]
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _on_off_list(text: str) -> list[bool]:
-    table = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
-    out = []
-    for v in text.split(","):
-        if v.strip().lower() not in table:
-            raise argparse.ArgumentTypeError(f"expected on/off values such as on,off; got {v!r}")
-        out.append(table[v.strip().lower()])
-    return out
-
-
-# Dataclass field annotation (a string: annotations are postponed) -> argparse keywords.
-_KINDS = {
-    "list[int]": {"type": _int_list}, "list[bool]": {"type": _on_off_list},
-    "int": {"type": int}, "float": {"type": float}, "float | None": {"type": float},
-    "str": {"type": str}, "str | None": {"type": str}, "bool": {"action": "store_true"},
-}
+PROG = "python -m bench"
 
 
 def _latest_model(cfg) -> None:
@@ -105,77 +84,67 @@ def _run_chain_mode(cfg: ChainConfig) -> int:
     return 0
 
 
-# mode -> (config dataclass, runner); the mode flag is --<mode> (host is the default).
-MODES = {"host": (HostConfig, _run_host_mode), "device": (DeviceConfig, _run_device_mode),
-         "matrix": (MatrixConfig, _run_matrix_mode), "report": (ReportConfig, run_report),
-         "chain": (ChainConfig, _run_chain_mode)}
-MODE_HELP = {"matrix": "the experiment matrix: every configuration of the study on one checkpoint "
-                       "(add --device to time the files on a phone too)",
-             "report": "write report.md / report.html from a matrix results directory",
-             "chain": "the whole chain: train, prune, quantize, export, validate, bench, report"}
+# subcommand -> (config dataclass, runner, one-line help)
+MODES = {"host": (HostConfig, _run_host_mode, "time .tflite files with the LiteRT interpreter on this computer"),
+         "phone": (DeviceConfig, _run_device_mode, "time .tflite files on an Android phone over adb with the "
+                                                   "official benchmark_model"),
+         "matrix": (MatrixConfig, _run_matrix_mode, "the experiment matrix: every configuration of the study on "
+                                                    "one checkpoint (--phone: time the files on a phone too)"),
+         "chain": (ChainConfig, _run_chain_mode, "the whole chain: train, prune, quantize, export, validate, "
+                                                 "bench, report"),
+         "report": (ReportConfig, run_report, "write report.md / report.html from a matrix results directory")}
+_POSITIONAL = ("models", "results_dir")
+_LEGACY_MODES = {"--chain": "chain", "--matrix": "matrix", "--report": "report"}
 
 
-def _add_field(group, f: dataclasses.Field) -> None:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if f.name == "models":
-        group.add_argument("models", nargs="*", default=[], metavar="MODEL.tflite", help=f.metadata["help"])
-        return
-    if f.name == "device":   # --device is the device-mode flag; in matrix mode it also times on the phone
-        return
-    if f.name == "results_dir":
-        group.add_argument("--results-dir", dest="results_dir", default="", help=f.metadata.get("help"))
-        return
-    kw = dict(_KINDS[f.type])
-    if f.type == "bool" and default is True:   # on by default: --name / --no-name
-        kw = {"action": argparse.BooleanOptionalAction, "default": True}
-    if kw.get("action") != "store_true":
-        kw["default"] = default
-    group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=f.metadata.get("help"), **kw)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--device", action="store_true",
-                   help="run benchmark_model on an Android phone through adb (with --matrix: as well)")
-    modes = p.add_mutually_exclusive_group()
-    for m, text in MODE_HELP.items():
-        modes.add_argument("--" + m, dest="mode", action="store_const", const=m, help=text)
-    p.set_defaults(mode="host")
-    field_sets = {m: {f.name: f for f in dataclasses.fields(cls)} for m, (cls, _) in MODES.items()}
-    shared = set.intersection(*(set(fs) for fs in field_sets.values()))
-    added: set[str] = set()
-    for m, fs in field_sets.items():
-        group = p.add_argument_group(f"{m} mode" if m != "host" else "host mode (default)")
-        for name, f in fs.items():
-            if name in added:
-                continue
-            _add_field(p if name in shared else group, f)
-            added.add(name)
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="mode", metavar="{" + ",".join(MODES) + "}", parser_class=Parser)
+    p.modes = {}
+    for mode, (cls, _, text) in MODES.items():
+        p.modes[mode] = sub.add_parser(mode, help=text, description=text)
+        add_config(p.modes[mode], cls, positional=_POSITIONAL)
     return p
 
 
+def parse(argv: list[str]):
+    """The subcommand's options; a flag the subcommand does not know is reported under its own name
+    (`python -m bench host: error: unrecognized arguments: --serial abc`)."""
+    p = build_parser()
+    ns, extra = p.parse_known_args(argv)
+    if extra:
+        p.modes[ns.mode].error("unrecognized arguments: " + " ".join(extra))
+    return ns
+
+
+def canonical_argv(argv: list[str]) -> list[str]:
+    """The subcommand form of a command line written the earlier way (a mode flag, or none at all)."""
+    argv = list(argv)
+    if argv and (argv[0] in MODES or argv[0] in ("-h", "--help")):
+        return argv
+    for flag, mode in _LEGACY_MODES.items():
+        if flag in argv:
+            argv.remove(flag)
+            if mode == "matrix" and "--device" in argv:   # the old matrix switch: time the files on a phone too
+                i = argv.index("--device")
+                if i + 1 == len(argv) or argv[i + 1].startswith("-"):
+                    argv[i] = "--phone"
+            return [mode] + argv
+    if "--device" in argv:     # `python -m bench --device [MODEL ...]`, as the design card writes it
+        argv.remove("--device")
+        return ["phone"] + argv
+    return ["host"] + argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    if ns.mode == "host" and ns.device:
-        ns.mode = "device"
-    elif ns.device and ns.mode != "matrix":
-        parser.error(f"--device does not go with --{ns.mode}")
-    cls, run = MODES[ns.mode]
-    own = {f.name for f in dataclasses.fields(cls)}
-    for other, (other_cls, _) in MODES.items():     # options of another mode are a mistake
-        for f in dataclasses.fields(other_cls):
-            if f.name not in own and f.name != "device" and getattr(ns, f.name) != parser.get_default(f.name):
-                parser.error(f"--{f.name.replace('_', '-')} belongs to {other} mode, not {ns.mode}")
-    cfg = cls(**{name: getattr(ns, name) for name in own})
     try:
-        return run(cfg)
-    except (ValueError, DeviceError, BinaryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:    # a worker or adb failure we could not turn into a row
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        ns = parse(canonical_argv(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:      # --help (0) or a malformed flag (2, message already printed)
+        return int(e.code or 0)
+    cls, run, _ = MODES[ns.mode]
+    return run_command(PROG, lambda: run(config_from(ns, cls)),
+                       errors=(ValueError, OSError, DeviceError, BinaryError),
+                       failures=(CheckFailed, RuntimeError))   # a worker, adb or chain step we could not finish
 
 
 if __name__ == "__main__":

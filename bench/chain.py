@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.cli import DATA_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, VAL_IMAGES_HELP, torch_device
 from mobilenet.checkpoint import atomic_write_text, load_checkpoint, load_model
 from mobilenet.data import DEFAULT_DATA
 from quantize.io import require_float_checkpoint
@@ -30,7 +31,9 @@ class ChainConfig:
     out: str = field(default="", metadata={"help": "output directory (chain default: runs/chain)"})
     init: str = field(default="", metadata={
         "help": "start from this FP32 checkpoint instead of training (e.g. ../shared/models/...)"})
-    data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
+    data: str = field(default=DEFAULT_DATA, metadata={"help": DATA_HELP})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP + ", for every torch stage (training, "
+                                                           "sweep, fine-tuning, calibration, QAT)"})
     width: float = field(default=1.0, metadata={"help": "width multiplier of the trained baseline"})
     # Budgets in wall-clock minutes, not image counts: each training stage measures its step time first and
     # fits its steps to the budget, so a slower CPU trains on fewer images instead of running longer.
@@ -48,9 +51,8 @@ class ChainConfig:
     qat_minutes: float = field(default=3.0, metadata={"help": "minutes for QAT (with --qat)"})
     qat_epochs: int = field(default=1, metadata={"help": "QAT epochs the budget is split into (with --qat)"})
     config: str = field(default="W8A8", metadata={"help": "quantization config of the exported file"})
-    eval_images: int = field(default=2000, metadata={
-        "help": "test images (evenly spaced, class-stratified) for every accuracy the chain reports"})
-    val_images: int = field(default=1000, metadata={"help": "test images in the export validation"})
+    eval_images: int = field(default=2000, metadata={"help": EVAL_IMAGES_HELP})
+    val_images: int = field(default=1000, metadata={"help": VAL_IMAGES_HELP})
     host_runs: int = field(default=50, metadata={"help": "timed inferences per file on the host"})
 
 
@@ -80,6 +82,7 @@ def run_chain(cfg: ChainConfig) -> Path:
     from .host import HOST_COLUMNS, HostConfig, run_host
     from .report import write_csv
 
+    torch_device(cfg.device)   # a device this machine lacks fails now, not after the baseline
     if cfg.init:    # the whole check (safe load, shapes, finite weights) before anything is written
         if not Path(cfg.init).is_file():
             raise ValueError(f"--init checkpoint not found: {cfg.init}")
@@ -95,17 +98,18 @@ def run_chain(cfg: ChainConfig) -> Path:
     # 1. baseline
     baseline = Path(cfg.init) if cfg.init else out / "baseline" / "checkpoint.pt"
     if not cfg.init:
-        stride = max(1, 10000 // cfg.eval_images) if cfg.eval_images else 1
-        args = ["--out", str(out / "baseline"), "--root", cfg.data, "--width", str(cfg.width),
-                "--epochs", str(cfg.train_epochs), "--budget-minutes", str(cfg.train_minutes),
-                "--max-train-images", "0", "--eval-stride", str(stride), "--eval-every", str(cfg.train_epochs)]
+        args = ["--out", str(out / "baseline"), "--data", cfg.data, "--width", str(cfg.width),
+                "--device", cfg.device, "--epochs", str(cfg.train_epochs),
+                "--budget-minutes", str(cfg.train_minutes), "--max-train-images", "0",
+                "--eval-images", str(cfg.eval_images), "--eval-every", str(cfg.train_epochs)]
         resume = ["--resume"] if baseline.exists() else []
         _step("train baseline", out / "baseline" / "done", lambda: _train(train, args + resume, out), log)
 
     # 2-4. sweep, prune, fine-tune
     pruned = out / "prune" / "pruned.pt"
     _step("sweep + prune + fine-tune", pruned, lambda: prune_cli.main([
-        "--checkpoint", str(baseline), "--out", str(out / "prune"), "--data", cfg.data, "--ratio", cfg.prune,
+        "--checkpoint", str(baseline), "--out", str(out / "prune"), "--data", cfg.data, "--device", cfg.device,
+        "--ratio", cfg.prune,
         "--epochs", str(cfg.finetune_epochs), "--budget-minutes", str(cfg.finetune_minutes),
         "--images-per-epoch", "0", "--sweep-images", str(cfg.sweep_images),
         "--sweep-minutes", str(cfg.sweep_minutes), "--sweep-global-images", str(cfg.sweep_global_images),
@@ -115,7 +119,8 @@ def run_chain(cfg: ChainConfig) -> Path:
     # 5. quantize
     qdir = out / "quantize"
     qargs = ["--checkpoint", str(pruned), "--config", cfg.config, "--out", str(qdir), "--data", cfg.data,
-             "--eval-size", str(cfg.eval_images)]
+             "--device", cfg.device, "--eval-images", str(cfg.eval_images),
+             "--no-export"]   # the chain exports below, beside the FP32 file it compares against
     if cfg.qat:
         qargs += ["--qat", "--epochs", str(cfg.qat_epochs), "--qat-minutes", str(cfg.qat_minutes)]
     qckpt = qdir / "quantized.pt"

@@ -36,7 +36,7 @@ class HostConfig:
     budget_s: float | None = field(default=None, metadata={
         "help": "time budget in seconds per configuration; replaces --runs when given"})
     csv: str | None = field(default=None, metadata={
-        "help": "results CSV: replaced in host mode, one row appended per run with --device"})
+        "help": "results CSV: replaced by bench host, one row appended per run by bench phone"})
 
     def validate(self) -> None:
         if not self.models:

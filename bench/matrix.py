@@ -1,14 +1,14 @@
 """The experiment matrix: every configuration of the study, quantized, exported where LiteRT runs it, validated,
-and timed on the host (and on a phone with --device), one row of `matrix.csv` each (schema: bench.results).
+and timed on the host (and on a phone with --phone), one row of `matrix.csv` each (schema: bench.results).
 
-    python -m bench --matrix --checkpoint ../shared/models/cifar10_mobilenetv2_w1.0.pt --out runs/matrix
+    python -m bench matrix --checkpoint ../shared/models/cifar10_mobilenetv2_w1.0.pt --out runs/matrix
 
 Steps per row (a row already in matrix.csv is skipped, so an interrupted run resumes where it stopped; a
 quantized checkpoint already written is reloaded rather than recomputed):
     1. PTQ (quantize.ptq.run_ptq) on the calibration split (real) or N(0, 1) images (random)
     2. logits on the evaluation subset against the FP32 logits (quantize.metrics.compare_logits)
     3. export with validation (export.run_export); a configuration LiteRT cannot run is recorded as refused
-    4. host latency of the file (bench.host.run_host); on a phone too with --device
+    4. host latency of the file (bench.host.run_host); on a phone too with --phone
 Finally the report (bench.study_report) is written from the CSV.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.cli import EVAL_IMAGES_HELP
 from mobilenet.checkpoint import CheckpointError, atomic_save, load_model, remove_stale_temporaries
 from mobilenet.data import DEFAULT_DATA, DataConfig, load_dataset
 from mobilenet.engine import predict
@@ -42,8 +43,7 @@ class MatrixConfig:
         "help": "FP32 or pruned checkpoint (matrix default: the CIFAR-10 reference in ../shared/models)"})
     out: str = field(default="", metadata={"help": "results directory (matrix default: runs/matrix)"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
-    eval_every: int = field(default=5, metadata={
-        "help": "evaluate on every k-th test image (5: the stratified 2,000-image subset; 1: all 10,000)"})
+    eval_images: int = field(default=2000, metadata={"help": EVAL_IMAGES_HELP})
     calib_size: int = field(default=1000, metadata={"help": "calibration images (real: from the train split)"})
     adaround_iters: int = field(default=300, metadata={"help": "AdaRound optimizer steps per layer"})
     val_images: int = field(default=1000, metadata={"help": "test images run through each file and the simulation"})
@@ -56,8 +56,8 @@ class MatrixConfig:
     only: str = field(default="", metadata={"help": "comma-separated config names to run, e.g. FP32,W8A8"})
     quick: bool = field(default=False, metadata={
         "help": "W8A8 and W4A8 per channel on real data plus FP32 only (a smoke run of the whole matrix)"})
-    device: bool = field(default=False, metadata={"help": "also time every file on a phone over adb"})
-    serial: str | None = field(default=None, metadata={"help": "phone serial (with --device)"})
+    phone: bool = field(default=False, metadata={"help": "also time every file on a phone over adb"})
+    serial: str | None = field(default=None, metadata={"help": "phone serial (with --phone)"})
     benchmark_binary: str | None = field(default=None, metadata={"help": "benchmark_model for the phone"})
     prune_dir: str = field(default="", metadata={"help": "a pruning run directory to include in the report"})
     retime: int = field(default=0, metadata={
@@ -181,7 +181,7 @@ def retime_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
         r["host_threads"] = cfg.threads[0]
         write_matrix_row(csv_path, r)
     meta = read_meta(out / "meta.json") or {}
-    entry = collect_meta(command or "python -m bench --matrix --retime", meta.get("checkpoint") or cfg.checkpoint
+    entry = collect_meta(command or "python -m bench matrix --retime", meta.get("checkpoint") or cfg.checkpoint
                          or REFERENCE)
     meta.setdefault("history", []).append({k: entry.get(k) for k in _RUN_KEYS} | {
         "retimed": f"host latency of {len(rows)} files, {cfg.retime} interleaved rounds of {cfg.host_runs} runs, "
@@ -198,8 +198,8 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
     if cfg.retime:
         return retime_matrix(cfg, command)
     cfg = replace(cfg, checkpoint=cfg.checkpoint or REFERENCE, out=cfg.out or "runs/matrix")
-    if cfg.eval_every < 1:
-        raise ValueError(f"--eval-every should be >= 1 instead of {cfg.eval_every}")
+    if cfg.eval_images < 0:
+        raise ValueError(f"--eval-images should be >= 0 instead of {cfg.eval_images}")
     rows = study_rows(cfg.calib_size, cfg.adaround_iters)
     if cfg.quick:
         rows = [r for r in rows if r[0].name == "FP32" or (r[0].name in ("W8A8", "W4A8") and r[1] == "rtn"
@@ -221,10 +221,10 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
     dataset = load_dataset(DataConfig(source="folder", root=cfg.data, layout=model.cfg.layout,
                                       calib_size=cfg.calib_size))
     dataset.check_classes(model.cfg.num_classes, cfg.checkpoint)
-    eval_split = dataset.test.subset(torch.arange(0, len(dataset.test), cfg.eval_every))
-    meta = collect_meta(command or "python -m bench --matrix", cfg.checkpoint,
-                        eval_subset=f"every {cfg.eval_every}th test image of {dataset.root} ({len(eval_split)} "
-                                    f"images, {len(dataset.classes)} classes)", seed=0)
+    eval_split = dataset.test.stratified(cfg.eval_images)
+    meta = collect_meta(command or "python -m bench matrix", cfg.checkpoint,
+                        eval_subset=f"{len(eval_split)} evenly spaced (class-stratified) test images of "
+                                    f"{dataset.root} ({len(dataset.classes)} classes)", seed=0)
     meta["data"] = dataset.describe()
     # a resumed matrix is the work of several invocations: keep each one's command and commit
     old = read_meta(out / "meta.json") if (out / "meta.json").is_file() else None
@@ -239,7 +239,7 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
         cached = torch.load(ref_path, weights_only=True) if ref_path.exists() else None
     except Exception:           # a damaged cache is computed again
         cached = None
-    tag = (meta["checkpoint_sha256"], len(eval_split), cfg.eval_every)
+    tag = (meta["checkpoint_sha256"], len(eval_split), cfg.eval_images)
     if isinstance(cached, dict) and cached.get("tag") == tag and isinstance(cached.get("logits"), torch.Tensor):
         ref = cached["logits"]
     else:  # computed once per checkpoint and subset, kept for a resumed run
@@ -262,7 +262,7 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
         row.update(_export(cfg, qcfg, ckpt, out / "tflite" / f"{name}.tflite"))
         if row.get("export_status") == "ok":
             row.update(_host(cfg, row["tflite"]))
-            if cfg.device:
+            if cfg.phone:
                 row.update(_device(cfg, row["tflite"], out))
         write_matrix_row(csv_path, row)
     from .study_report import write_report

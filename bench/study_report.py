@@ -9,11 +9,10 @@ RESULTS_DIR). Every number on the page is read or computed from those files; wha
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import html
 import sys
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mobilenet.checkpoint import atomic_write_text
@@ -24,7 +23,7 @@ from bench.results import PRUNE_FILES, load_prune, read_matrix, read_meta
 from bench.units import NA, fmt_bytes, fmt_ms, fmt_pct, fmt_snr
 from bench.units import finite as _finite
 
-__all__ = ["ReportConfig", "write_report", "build_blocks", "render_md", "render_html", "run_report", "build_parser",
+__all__ = ["ReportConfig", "write_report", "build_blocks", "render_md", "render_html", "run_report",
            "main"]
 
 
@@ -363,24 +362,10 @@ def run_report(cfg: ReportConfig) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.study_report", description=__doc__.splitlines()[0])
-    for f in fields(ReportConfig):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        if f.name == "results_dir":
-            p.add_argument("results_dir", metavar="RESULTS_DIR", help=f.metadata["help"])
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, help=f.metadata["help"])
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    try:
-        return run_report(ReportConfig(**vars(ns)))
-    except ValueError as e:
-        print(f"python -m bench.study_report: error: {e}", file=sys.stderr)
-        return 2
+    """`python -m bench.study_report RESULTS_DIR`: the same as `python -m bench report RESULTS_DIR`."""
+    from bench.__main__ import main as bench_main
+    return bench_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

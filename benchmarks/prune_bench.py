@@ -38,7 +38,7 @@ from prune.config import PruneConfig  # noqa: E402
 from prune.pipeline import run_prune_pipeline, write_json  # noqa: E402
 from prune.plots import plot_layer_heatmap  # noqa: E402
 from prune.structured import compare_latency  # noqa: E402
-from prune.sweep import eval_subset, per_layer_sweep  # noqa: E402
+from prune.sweep import per_layer_sweep  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "models" / "cifar10_mobilenetv2_w1.0.pt"
 STAGES = ("unstructured", "structured", "layers", "latency", "litert", "report")
@@ -99,7 +99,7 @@ def stage_layers(b, model, ds):
     out.mkdir(parents=True, exist_ok=True)
     write_json({"bench": asdict(b), "prune_config": cfg.to_dict()}, out / "prune_config.json")
     work = model.to(memory_format=torch.channels_last)
-    rows = per_layer_sweep(work, eval_subset(ds.test, b.layer_images), cfg, csv_path=out / "sweep_layers.csv")
+    rows = per_layer_sweep(work, ds.test.stratified(b.layer_images), cfg, csv_path=out / "sweep_layers.csv")
     plot_layer_heatmap(rows, out / "sweep_layers.png")
     return rows
 

@@ -11,7 +11,7 @@ Both start from the same FP32 model, calibrate on the same images and are scored
 Figure of merit: logits SNR against FP32, 10 log10(sum fp^2 / sum (fp - q)^2) over all logits of the
 evaluation images (dB); top-1 and agreement with FP32 beside it. Goal: ours >= 30 dB and >= PT2E + 1 dB.
 
-    python benchmarks/pt2e_peer.py --calib 1000 --eval-every 5
+    python benchmarks/pt2e_peer.py --calib 1000 --eval-images 2000
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.cli import EVAL_IMAGES_HELP  # noqa: E402
 from mobilenet import load_model  # noqa: E402
 from mobilenet.data import BatchLoader, DataConfig, load_dataset  # noqa: E402
 from mobilenet.engine import predict  # noqa: E402
@@ -69,7 +70,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(REFERENCE))
     p.add_argument("--calib", type=int, default=1000, help="calibration images (the calibration split)")
-    p.add_argument("--eval-every", type=int, default=5, help="every n-th test image (5: 2,000 images)")
+    p.add_argument("--eval-images", type=int, default=2000, help=EVAL_IMAGES_HELP)
     p.add_argument("--batch", type=int, default=100, help="images per batch; must divide both counts (PT2E "
                                                           "exports a static batch)")
     p.add_argument("--threads", type=int, default=1)
@@ -81,7 +82,7 @@ def main(argv=None):
 
     model, _ = load_model(a.model)
     ds = load_dataset(DataConfig(calib_size=a.calib))
-    test = ds.test.subset(torch.arange(0, len(ds.test), a.eval_every))
+    test = ds.test.stratified(a.eval_images)
     for n, what in ((len(ds.calib), "calibration"), (len(test), "evaluation")):
         if n % a.batch:
             raise ValueError(f"--batch {a.batch} does not divide the {n} {what} images")
@@ -105,8 +106,8 @@ def main(argv=None):
                             cwd=ROOT).stdout.strip()
     result = {"model": a.model, "calib_images": len(ds.calib), "eval_images": len(test), "commit": commit,
               "torch": torch.__version__, "machine": f"{platform.machine()} x{os.cpu_count()}", "rows": {}}
-    print(f"{len(ds.calib)} calibration images, {len(test)} evaluation images (every {a.eval_every}th test "
-          f"image), commit {commit}, torch {torch.__version__}")
+    print(f"{len(ds.calib)} calibration images, {len(test)} evaluation images (class-stratified), "
+          f"commit {commit}, torch {torch.__version__}")
     print(f"  {'':10s} {'SNR dB':>7s} {'top-1':>7s} {'agree':>7s}")
     for name, logits in rows.items():
         r = {"snr_db": snr_db(fp, logits) if name != "FP32" else float("inf"),

@@ -93,12 +93,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(REFERENCE))
     p.add_argument("--out", default=str(ROOT / "runs" / "quant_matrix"))
-    p.add_argument("--eval-size", type=int, default=2000)
+    p.add_argument("--eval-images", type=int, default=2000)
     p.add_argument("--adaround-iters", type=int, default=200)
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--table-only", action="store_true", help="only rewrite the RESULTS.md section from the CSV")
     a = p.parse_args(argv)
-    argv_q = ["--checkpoint", a.checkpoint, "--matrix", "--out", a.out, "--eval-size", str(a.eval_size),
+    argv_q = ["--checkpoint", a.checkpoint, "--matrix", "--out", a.out, "--eval-images", str(a.eval_images),
               "--adaround-iters", str(a.adaround_iters), "--no-progress"]
     command = "python benchmarks/quant_matrix.py " + " ".join(argv or sys.argv[1:])
     if not a.table_only:
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         if rc:
             return rc
     rows = read_rows(Path(a.out) / "matrix.csv")
-    write_section(Path(a.results), section(rows, command.strip(), a.eval_size, a.adaround_iters))
+    write_section(Path(a.results), section(rows, command.strip(), a.eval_images, a.adaround_iters))
     print(table(rows))
     return 0
 

@@ -14,12 +14,11 @@ figure is printed with the CPU and its instruction sets (AVX2, AVX-512 VNNI, bf1
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torchvision.models import mobilenet_v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.cli import Parser, add_config  # noqa: E402
 from mobilenet import ModelConfig, build_model  # noqa: E402
 from mobilenet.data import normalize  # noqa: E402
 from mobilenet.engine import autocast_ctx  # noqa: E402
@@ -49,14 +49,9 @@ class SpeedConfig:
     seed: int = 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(SpeedConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type={"int": int, "float": float}[f.type], default=f.default)
+def _parser() -> Parser:
+    p = Parser(prog="benchmarks/train_speed.py", description=__doc__.split("\n\n")[0])
+    add_config(p, SpeedConfig)
     return p
 
 

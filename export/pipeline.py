@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import DATA_HELP, DATA_SOURCE_HELP, VAL_IMAGES_HELP, CheckFailed, opt
 from mobilenet.checkpoint import FORMAT, CheckpointError, atomic_file, atomic_write_text, load_checkpoint, load_model
 from mobilenet.data import BatchLoader, DataConfig, DEFAULT_DATA, load_dataset
 from quantize.config import RECIPES
@@ -33,29 +34,44 @@ from .convert import ExportError, convert, export_kind, static_int16
 from .report import file_summary, gzip_size, zero_weights
 from .tflite_file import read_tflite
 
-__all__ = ["ExportConfig", "run_export", "load_for_export", "sha256"]
+__all__ = ["ExportConfig", "ValidationFailed", "run_export", "load_for_export", "sha256"]
 
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = ""                # quantized (python -m quantize) or FP32 / pruned checkpoint
-    out: str = ""                       # the .tflite to write; the report goes to <out>.json
-    config: str | None = None           # expected quant config (e.g. W8A8); default: whatever the checkpoint holds
-    float_io: bool = False              # integer graphs: float input/output (one QUANTIZE, one DEQUANTIZE)
-    nhwc: bool = False                  # input (1, H, W, 3) instead of (1, 3, H, W) (no TRANSPOSE at the input)
-    w4_storage: str | None = None       # "int8": export 4-bit weights as int8 values in [-7, 7] (no size gain)
-    val_images: int = 1000              # test images run through the file and the simulation
-    calib_images: int = 256             # W8A16 only: calibration images for the static int16 ranges
-    data: str = DEFAULT_DATA            # CIFAR-10 JPEG archive / folder, or "random" for synthetic images
-    compare_to: str | None = None       # another .tflite (e.g. the dense export) whose size / gzip size to report
-    skip_builtin: bool = False          # do not also run the builtin kernels (they are reported, not gating)
-    reported_images: int = 1000         # int8: the reported-only checks (builtin kernels, float simulation) use the
-                                        # first min(val_images, this) images; the gate uses all val_images
-    max_lsb: int = 1                    # int8 graphs: largest output difference accepted, in output LSBs
+    checkpoint: str = opt("", "quantized checkpoint (python -m quantize), or an FP32 / pruned one for an FP32 "
+                              "export (default: the latest quantized model recorded in runs/latest.json)")
+    out: str = opt("", "the .tflite file to write; the report goes to <out>.json (default: beside the checkpoint, "
+                       "model_<config>.tflite)")
+    config: str | None = opt(None, "the quant config the checkpoint must hold (e.g. W8A8); default: whatever it "
+                                   "holds")
+    float_io: bool = opt(False, "integer graphs: float input and output (one QUANTIZE and one DEQUANTIZE at the "
+                                "edges)")
+    nhwc: bool = opt(False, "input (1, H, W, 3) instead of (1, 3, H, W) (no TRANSPOSE at the input)")
+    w4_storage: str | None = opt(None, "'int8': export 4-bit weights as int8 values in [-7, 7] (runs exactly, no "
+                                       "size gain)")
+    val_images: int = opt(1000, VAL_IMAGES_HELP + " (class-stratified, as --eval-images)")
+    calib_images: int = opt(256, "W8A16: calibration images for the static int16 ranges")
+    data: str = opt(DEFAULT_DATA, DATA_HELP)
+    data_source: str = opt("folder", DATA_SOURCE_HELP)
+    compare_to: str | None = opt(None, "another .tflite (e.g. the dense export) to report size and gzip size "
+                                       "against")
+    skip_builtin: bool = opt(False, "do not also validate with the builtin (non-XNNPACK) kernels (they are "
+                                    "reported, not gating)")
+    reported_images: int = opt(1000, "int8 graphs: the reported-only comparisons (builtin kernels, float "
+                                     "simulation) use the first min(val-images, this) images; the gate "
+                                     "(XNNPACK vs integer simulation) uses all")
+    max_lsb: int = opt(1, "int8 graphs: largest output difference from the simulation accepted, in output LSBs")
     # int16 graphs: the same in int16 LSBs, against the float simulation (there is no int16 integer simulation):
     # 16 = 1/16 of one int8 step. Measured drift on the CIFAR-10 reference over 1,000 images: 8 (per-channel
     # weights), 9 (per-tensor); a wrong scale or code moves outputs by hundreds to thousands.
-    max_lsb_int16: int = 16
+    max_lsb_int16: int = opt(16, "int16 graphs: the same in int16 LSBs against the float simulation (1/16 of an "
+                                 "int8 step; rounding at each of ~50 layers drifts up to ~9 on the CIFAR-10 "
+                                 "reference)")
+
+    def __post_init__(self):
+        if self.data == "random":   # the earlier spelling of --data-source random
+            self.data_source = "random"
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -76,13 +92,10 @@ def load_for_export(path: str) -> tuple[torch.nn.Module, dict]:
 
 
 def _images(cfg: ExportConfig, layout: str, n: int, split: str):
-    if cfg.data == "random":
-        ds = load_dataset(DataConfig(source="random", layout=layout, random_size=max(n, 1)))
-    else:
-        ds = load_dataset(DataConfig(source="folder", root=cfg.data, layout=layout))
+    ds = load_dataset(DataConfig(source=cfg.data_source, root=cfg.data, layout=layout, random_size=max(n, 1)))
     s = getattr(ds, split)
-    n = min(n, len(s))
-    x, y = next(iter(BatchLoader(s.subset(torch.arange(n)), n, layout)))
+    s = s.stratified(n) if split == "test" else s.subset(torch.arange(min(n, len(s))))
+    x, y = next(iter(BatchLoader(s, len(s), layout)))
     return x, y
 
 
@@ -117,17 +130,18 @@ def _validate(data: bytes, qm, kind: str, cfg: ExportConfig, x: torch.Tensor, y:
                      "reference": "integer simulation" if int8 else "float simulation"}}
 
 
+class ValidationFailed(ExportError, CheckFailed):
+    """The file was written but does not compute what the simulation does: nothing is kept, exit 1."""
+
+
 def run_export(cfg: ExportConfig) -> dict:
     """Do the whole export; returns the report. ExportError (nothing kept) on refusal or failed validation."""
-    if not cfg.out:
-        raise ExportError("--out is required (the .tflite file to write)")
     if cfg.val_images < 1:
         raise ExportError(f"--val-images should be >= 1 instead of {cfg.val_images}")
     if cfg.reported_images < 1:
         raise ExportError(f"--reported-images should be >= 1 instead of {cfg.reported_images}")
     if cfg.compare_to:
         read_tflite(cfg.compare_to)       # a file that is not a .tflite fails now, not after the conversion
-    out = Path(cfg.out)
     ckpt_path = Path(cfg.checkpoint)
     if not ckpt_path.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt_path}")
@@ -141,6 +155,7 @@ def run_export(cfg: ExportConfig) -> dict:
                               f"quantize it first (python -m quantize --checkpoint {ckpt_path} --config "
                               f"{cfg.config} --out DIR), or export it as FP32")
         raise ExportError(f"{ckpt_path} holds a {qcfg.name} model, not {cfg.config}")
+    out = Path(cfg.out or ckpt_path.with_name(f"model_{qcfg.name.lower()}.tflite"))
     kind = export_kind(qcfg, cfg.w4_storage)                                          # 2
     layout = qm.model_cfg.layout
     x, y = _images(cfg, layout, cfg.val_images, "test")
@@ -163,7 +178,7 @@ def run_export(cfg: ExportConfig) -> dict:
             validation["agreement_with_dynamic_sim"] = (dyn.argmax(1) == got.argmax(1)).double().mean().item()
         report = _report(cfg, ckpt_path, digest, ckpt, qcfg, qm, kind, notes, data, validation, convert_s)
         if not validation["passed"]:
-            raise ExportError(_failure_message(validation))
+            raise ValidationFailed(_failure_message(validation))
         if sha256(ckpt_path) != digest:
             raise ExportError(f"{ckpt_path} changed during the export")
     report["file"] = str(out)
@@ -203,7 +218,7 @@ def _report(cfg, ckpt_path, digest, ckpt, qcfg, qm, kind, notes, data, validatio
                         "int16": "int16 symmetric, STATIC per-tensor ranges calibrated at export "
                                  f"({cfg.calib_images} calibration images, min/max); the checkpoint's simulation "
                                  f"is {qcfg.act_mode}; validated against the static int16 simulation"}[kind],
-        "validation_data": {"root": cfg.data if cfg.data == "random" else str(Path(cfg.data).resolve()),
+        "validation_data": {"root": "random" if cfg.data_source == "random" else str(Path(cfg.data).resolve()),
                             "split": "test", "images": cfg.val_images},
         "file_summary": file_summary(data),
         "weights": zero_weights(data, qm),

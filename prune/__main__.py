@@ -8,16 +8,16 @@ Every PruneConfig field is an option (`--help` lists them); the settings are sav
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from mobilenet.checkpoint import CheckpointError, load_model
-from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, DataError, load_dataset
+from common.cli import DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, Parser, add_config, config_from, opt, run_command, \
+    torch_device
+from mobilenet.checkpoint import load_model
+from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, load_dataset
 from mobilenet.provenance import collect_meta, command_line, write_meta
 from mobilenet.runs import find_input, record, runs_dir
 
@@ -27,6 +27,8 @@ from .pipeline import run_prune_pipeline, run_sweeps, write_json
 
 __all__ = ["CliConfig", "build_parser", "main"]
 
+PROG = "python -m prune"
+
 
 @dataclass
 class CliConfig:
@@ -35,45 +37,23 @@ class CliConfig:
                                                           "recorded in runs/latest.json)"})
     out: str = field(default="", metadata={"help": "output directory (default: runs/prune, under $MNV2_RUNS)"})
     sweep_only: bool = field(default=False, metadata={"help": "run the sensitivity sweep and stop"})
-    data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
-    data_source: str = field(default="folder", metadata={"help": "folder | cifar-batches | random"})
+    data: str = opt(DEFAULT_DATA, DATA_HELP)
+    data_source: str = opt("folder", DATA_SOURCE_HELP)
     cache_dir: str = field(default=DEFAULT_CACHE, metadata={"help": "where the archive is unpacked and decoded"})
     train_images: int = field(default=0, metadata={"help": "use only the first N (strided) training images; 0 = all"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = opt("auto", DEVICE_HELP)
 
 
-ALIASES = {"ratio": ["--prune"], "structured": ["--prune-structured"]}
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls, title: str):
-    group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(cls)   # resolves the string annotations of `from __future__ import annotations`
-    for f in fields(cls):
-        flags = [f"--{f.name.replace('_', '-')}"] + ALIASES.get(f.name, [])
-        default = f.default if f.default is not MISSING else f.default_factory()
-        hint = hints[f.name]
-        kw = {"dest": f.name, "default": default, "help": f"{f.metadata.get('help', '')} (default: {default})"}
-        if hint in (bool, bool | None):
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
-        elif hint in (int, float, str):
-            group.add_argument(*flags, type=hint, metavar=f.name.upper(), **kw)
-        else:  # optional ratios and comma lists: parsed and checked by PruneConfig, which names a bad value
-            group.add_argument(*flags, type=str, metavar=f.name.upper(), **kw)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_fields(p, CliConfig, "input and output")
-    _add_fields(p, PruneConfig, "pruning")
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_config(p, CliConfig, title="input and output")
+    add_config(p, PruneConfig, title="pruning")
     return p
 
 
-def _split_args(ns: argparse.Namespace) -> tuple[CliConfig, PruneConfig]:
-    d = vars(ns)
-    cli = CliConfig(**{f.name: d[f.name] for f in fields(CliConfig)})
-    cfg = PruneConfig(**{f.name: d[f.name] for f in fields(PruneConfig)})
+def _split_args(ns) -> tuple[CliConfig, PruneConfig]:
+    cli, cfg = config_from(ns, CliConfig), config_from(ns, PruneConfig)
     if not cli.checkpoint:
         cli.checkpoint = str(find_input(("baseline",), "--checkpoint"))
     cli.out = cli.out or str(runs_dir() / "prune")
@@ -87,33 +67,35 @@ def _split_args(ns: argparse.Namespace) -> tuple[CliConfig, PruneConfig]:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        cli, cfg = _split_args(args)
-        if cli.threads:
-            torch.set_num_threads(cli.threads)
-        model, ckpt = load_model(cli.checkpoint, layout=cfg.layout)
-        select_layers(model, cfg)   # check the layer filters before the (slow) data load
-        if cfg.sweep_layers:
-            match_layers(cfg.sweep_layers, list(prunable_layers(model)), "--sweep-layers")
-        ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=cfg.layout,
-                                     cache_dir=cli.cache_dir, seed=cfg.seed))
-        ds.check_classes(model.cfg.num_classes, cli.checkpoint)
-        if cli.train_images:
-            ds.train = ds.train.subset(torch.arange(0, len(ds.train), max(1, len(ds.train) // cli.train_images))
-                                       [:cli.train_images])
-        if cli.sweep_only:
-            Path(cli.out).mkdir(parents=True, exist_ok=True)
-            write_json({"cli": asdict(cli), "prune_config": cfg.to_dict()}, Path(cli.out) / "prune_config.json")
-            write_meta(Path(cli.out) / "prune_meta.json", collect_meta(command_line(), cli.checkpoint, seed=cfg.seed))
-            run_sweeps(model, ds, cfg, cli.out, cli.device)
-        else:
-            run_prune_pipeline(model, ds, cli, cli.out, cli.device, cfg=cfg, source=cli.checkpoint)
-            record("pruned", Path(cli.out) / "pruned.pt")
-    except (ValueError, CheckpointError, DataError) as e:   # user errors: one clear line, non-zero exit
-        print(f"python -m prune: error: {e}", file=sys.stderr)
-        return 2
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:      # --help (0) or a malformed flag (2, message already printed)
+        return int(e.code or 0)
+    return run_command(PROG, lambda: _run(*_split_args(ns)))
+
+
+def _run(cli: CliConfig, cfg: PruneConfig) -> int:
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
+    device = str(torch_device(cli.device))
+    model, ckpt = load_model(cli.checkpoint, layout=cfg.layout)
+    select_layers(model, cfg)   # check the layer filters before the (slow) data load
+    if cfg.sweep_layers:
+        match_layers(cfg.sweep_layers, list(prunable_layers(model)), "--sweep-layers")
+    ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=cfg.layout,
+                                 cache_dir=cli.cache_dir, seed=cfg.seed))
+    ds.check_classes(model.cfg.num_classes, cli.checkpoint)
+    if cli.train_images:
+        ds.train = ds.train.subset(torch.arange(0, len(ds.train), max(1, len(ds.train) // cli.train_images))
+                                   [:cli.train_images])
+    if cli.sweep_only:
+        Path(cli.out).mkdir(parents=True, exist_ok=True)
+        write_json({"cli": asdict(cli), "prune_config": cfg.to_dict()}, Path(cli.out) / "prune_config.json")
+        write_meta(Path(cli.out) / "prune_meta.json", collect_meta(command_line(), cli.checkpoint, seed=cfg.seed))
+        run_sweeps(model, ds, cfg, cli.out, device)
+    else:
+        run_prune_pipeline(model, ds, cli, cli.out, device, cfg=cfg, source=cli.checkpoint)
+        record("pruned", Path(cli.out) / "pruned.pt")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from common.cli import EVAL_IMAGES_HELP
 from mobilenet.precision import resolve_precision
 
 __all__ = ["PruneConfig", "parse_ratio", "from_train_config", "DEFAULT_SWEEP_RATIOS"]
@@ -37,9 +38,9 @@ def parse_ratio(value, what: str = "--prune", allow_auto: bool = True):
 @dataclass
 class PruneConfig:
     # ---- what to prune
-    ratio: float | str | None = field(default=None, metadata={
+    ratio: float | str | None = field(default=None, metadata={"flags": ("--prune",),
         "help": "global unstructured sparsity in [0, 1) (fraction of conv/linear weights set to zero), or auto"})
-    structured: float | None = field(default=None, metadata={
+    structured: float | None = field(default=None, metadata={"flags": ("--prune-structured",),
         "help": "fraction of expansion (hidden) channels removed from each inverted-residual block with t != 1"})
     exclude_first: bool = field(default=True, metadata={"help": "leave the stem conv (3 input channels) dense"})
     exclude_classifier: bool = field(default=False, metadata={"help": "leave the final linear layer dense"})
@@ -88,7 +89,7 @@ class PruneConfig:
     label_smoothing: float = field(default=0.1, metadata={"help": "as in the reference training"})
     # ---- evaluation and run
     eval_images: int = field(default=0, metadata={
-        "help": "test images for the before/after accuracies (evenly spaced; 2000 = every 5th); 0 = all"})
+        "help": EVAL_IMAGES_HELP})
     eval_bf16: bool | None = field(default=None, metadata={
         "help": "bf16 autocast for the before/after accuracies; default: FP32 (they are compared with FP32 figures)"})
     latency_repeats: int = field(default=20, metadata={"help": "timed forward passes per latency figure"})
@@ -161,7 +162,7 @@ class PruneConfig:
 
 
 # train.py's fields that mean the same thing here; everything else is read as `tcfg.prune_<field>`.
-_SHARED = ("seed", "bf16", "channels_last", "batch_size", "layout")
+_SHARED = ("seed", "bf16", "channels_last", "batch_size", "layout", "eval_images")
 
 
 def from_train_config(tcfg, **overrides) -> PruneConfig:

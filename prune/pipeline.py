@@ -26,7 +26,7 @@ from .finetune import fine_tune, recalibrate_bn
 from .masks import apply_masks, global_l1_masks, select_layers, sparsity_report, state_dict_sizes
 from .plots import plot_global_sweep, plot_layer_heatmap
 from .structured import compare_latency, count_macs, count_params, structured_prune
-from .sweep import (GLOBAL_COLUMNS, accuracy, choose_auto_ratio, eval_subset, global_sweep,
+from .sweep import (GLOBAL_COLUMNS, accuracy, choose_auto_ratio, global_sweep,
                     per_layer_sweep, write_csv)
 
 __all__ = ["run_prune_pipeline", "run_sweeps", "PruneError", "model_stats", "write_json"]
@@ -46,7 +46,7 @@ def run_sweeps(model, dataset, cfg: PruneConfig, out_dir, device="cpu", log=prin
     """Global and (optionally) per-layer sensitivity sweeps; CSV and PNG in out_dir. Returns their rows."""
     out = Path(out_dir)
     res = {"precision": cfg.resolve_precision(device)}
-    split = eval_subset(dataset.test, cfg.sweep_global_images)
+    split = dataset.test.stratified(cfg.sweep_global_images)
     res["global"] = global_sweep(model, split, cfg, device, log=log)
     write_csv(res["global"], GLOBAL_COLUMNS, out / "sweep_global.csv")
     plot_global_sweep(res["global"], out / "sweep_global.png")
@@ -54,7 +54,7 @@ def run_sweeps(model, dataset, cfg: PruneConfig, out_dir, device="cpu", log=prin
         work = copy.deepcopy(model).to(device).eval()
         if cfg.channels_last:
             work = work.to(memory_format=torch.channels_last)
-        res["layers"] = per_layer_sweep(work, eval_subset(dataset.test, cfg.sweep_images), cfg, device,
+        res["layers"] = per_layer_sweep(work, dataset.test.stratified(cfg.sweep_images), cfg, device,
                                         csv_path=out / "sweep_layers.csv", log=log)
         planned = res["layers"][0].get("planned_trials", len(res["layers"])) - 1 if res["layers"] else 0
         res["layers_trials"] = {"run": len(res["layers"]) - 1, "planned": planned,
@@ -103,7 +103,7 @@ def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneCo
                                                      seed=cfg.seed))
     t_start = time.monotonic()
     model = copy.deepcopy(model).to(device).eval()
-    eval_split = eval_subset(dataset.test, cfg.eval_images)
+    eval_split = dataset.test.stratified(cfg.eval_images)
 
     def acc(m, what):
         a = accuracy(m, eval_split, cfg.layout, cfg.eval_bf16, cfg.channels_last, cfg.eval_batch_size, device)

@@ -23,20 +23,12 @@ from mobilenet.engine import autocast_ctx, predict
 
 from .masks import match_layers, apply_masks, global_l1_masks, layer_kind, layer_l1_mask, prunable_layers, select_layers
 
-__all__ = ["eval_subset", "accuracy", "global_sweep", "per_layer_sweep", "choose_auto_ratio", "model_fingerprint",
+__all__ = ["accuracy", "global_sweep", "per_layer_sweep", "choose_auto_ratio", "model_fingerprint",
            "write_csv", "read_csv", "GLOBAL_COLUMNS", "LAYER_COLUMNS"]
 
 GLOBAL_COLUMNS = ["ratio", "reached_sparsity", "acc", "drop_points", "images", "bf16"]
 LAYER_COLUMNS = ["layer", "kind", "numel", "ratio", "reached_sparsity", "acc", "drop_points", "images", "bf16",
                  "fingerprint"]
-
-
-def eval_subset(split: Split, n: int) -> Split:
-    """n evenly spaced images (the test set is sorted by class, so this is stratified); n=2000 of 10,000 is
-    every 5th image, the reference 2,000-image subset. n=0 or n >= len: the whole split."""
-    if n <= 0 or n >= len(split):
-        return split
-    return split.subset(torch.arange(0, len(split), len(split) // n)[:n])
 
 
 def accuracy(model: nn.Module, split: Split, layout: str = "cifar", bf16: bool = False, channels_last: bool = False,

@@ -9,25 +9,26 @@ export the validated .tflite.
     python -m quantize --checkpoint CKPT --matrix --out runs/quant_matrix
 
 Writes out/quantized.pt (see quantize.io), out/metrics.json (FP32 vs quantized on a stratified test subset:
-every (10000 / eval_size)-th image), out/quantize_config.json and, unless --no-export, out/model_<config>.tflite
+--eval-images, class-stratified), out/quantize_config.json and, unless --no-export, out/model_<config>.tflite
 validated against the integer simulation (python -m export's pipeline) with its report beside it; both are
 recorded in runs/latest.json for `python -m bench`. --matrix writes out/matrix.csv (one row per configuration,
 resumable) and out/matrix_snr.png instead.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from mobilenet.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
-from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, DataError, Split, load_dataset
+from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, VAL_IMAGES_HELP, Parser,
+                        add_config, config_from, opt, run_command, torch_device)
+from mobilenet.checkpoint import atomic_write_text, load_checkpoint, load_model
+from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, Split, load_dataset
 from mobilenet.engine import predict
 from mobilenet.runs import find_input, record, runs_dir
 
@@ -36,68 +37,61 @@ from .io import require_float_checkpoint, save_quantized
 from .metrics import compare_logits, weight_size_bytes
 from .ptq import OPT_IMAGES, run_ptq
 
-__all__ = ["CliConfig", "build_parser", "main", "eval_subset", "quant_config_from", "evaluate_quantized"]
+__all__ = ["CliConfig", "build_parser", "main", "quant_config_from", "evaluate_quantized"]
+
+PROG = "python -m quantize"
 
 
 @dataclass
 class CliConfig:
-    checkpoint: str = field(default="", metadata={
-        "help": "float or pruned checkpoint, or a torchvision state_dict (default: the latest pruned, else "
-                "baseline, model recorded in runs/latest.json)"})
-    config: str = field(default="W8A8", metadata={"help": f"recipe: {' | '.join(RECIPES)}"})
-    granularity: str = field(default="per-channel", metadata={"help": "of the weights: per-channel | per-tensor"})
-    calib: str = field(default="real", metadata={"help": "calibration data: real (training images) | random"})
-    calib_size: int = field(default=1000, metadata={"help": "calibration images"})
-    w_bits: int | None = field(default=None, metadata={"help": "override the recipe's weight bits (2..16)"})
-    a_bits: int | None = field(default=None, metadata={"help": "override the recipe's activation bits (2..16)"})
-    act_observer: str = field(default="minmax", metadata={"help": "minmax | ema | percentile | mse"})
-    weight_observer: str = field(default="minmax", metadata={"help": "minmax | mse"})
-    cle: bool = field(default=False, metadata={"help": "cross-layer equalization"})
-    bias_correction: bool = field(default=False, metadata={"help": "empirical bias correction"})
-    adaround: bool = field(default=False, metadata={"help": "learned rounding of the weights"})
-    adaround_iters: int = field(default=1000, metadata={"help": "AdaRound steps per layer"})
-    opt_images: int = field(default=OPT_IMAGES, metadata={"help": "images for AdaRound / bias correction / CLE"})
-    eval_size: int = field(default=2000, metadata={"help": "test images (stratified, evenly spaced); 10000 = all"})
-    out: str = field(default="", metadata={"help": "output directory (default: runs/quantize, under $MNV2_RUNS)"})
-    matrix: bool = field(default=False, metadata={"help": "run the whole study matrix (CSV + PNG)"})
-    qat: bool = field(default=False, metadata={"help": "quantization-aware training (quantize.qat)"})
-    epochs: int | None = field(default=None, metadata={"help": "QAT epochs (default: QATConfig's)"})
-    qat_lr: float | None = field(default=None, metadata={"help": "QAT learning rate (default: QATConfig's)"})
-    freeze_bn_epoch: int | None = field(default=None, metadata={"help": "QAT: epoch from which BN stats freeze"})
-    freeze_observer_epoch: int | None = field(default=None, metadata={"help": "QAT: epoch from which ranges freeze"})
-    qat_images: int | None = field(default=None, metadata={"help": "QAT: training images per epoch"})
-    qat_minutes: float = field(default=6.0, metadata={
-        "help": "QAT: wall-clock minutes for all epochs, the steps fitted to the measured step time; 0 = none"})
-    export: bool = field(default=True, metadata={
-        "help": "end by exporting the validated .tflite (out/model_<config>.tflite); --no-export skips it"})
-    val_images: int = field(default=1000, metadata={"help": "test images in the export validation"})
-    bf16: bool | None = field(default=None, metadata={
-        "help": "QAT: bf16 autocast (then no longer bit-exact with the integer model); default: FP32"})
-    data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
-    data_source: str = field(default="folder", metadata={"help": "folder | cifar-batches | random"})
-    cache_dir: str = field(default=DEFAULT_CACHE, metadata={"help": "where the archive is unpacked and decoded"})
-    seed: int = field(default=0, metadata={"help": "calibration split, random calibration data, AdaRound"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    checkpoint: str = opt("", "float or pruned checkpoint, or a torchvision state_dict (default: the latest "
+                              "pruned, else baseline, model recorded in runs/latest.json)")
+    config: str = opt("W8A8", f"recipe: {' | '.join(RECIPES)}")
+    granularity: str = opt("per-channel", "of the weights: per-channel | per-tensor")
+    calib: str = opt("real", "calibration data: real (training images) | random")
+    calib_size: int = opt(1000, "calibration images")
+    w_bits: int | None = opt(None, "override the recipe's weight bits (2..16)")
+    a_bits: int | None = opt(None, "override the recipe's activation bits (2..16)")
+    act_observer: str = opt("minmax", "minmax | ema | percentile | mse")
+    weight_observer: str = opt("minmax", "minmax | mse")
+    cle: bool = opt(False, "cross-layer equalization")
+    bias_correction: bool = opt(False, "empirical bias correction")
+    adaround: bool = opt(False, "learned rounding of the weights")
+    adaround_iters: int = opt(1000, "AdaRound steps per layer")
+    opt_images: int = opt(OPT_IMAGES, "images for AdaRound / bias correction / CLE")
+    eval_images: int = opt(2000, EVAL_IMAGES_HELP)
+    out: str = opt("", "output directory (default: runs/quantize, under $MNV2_RUNS)")
+    matrix: bool = opt(False, "run the whole study matrix (CSV + PNG)")
+    qat: bool = opt(False, "quantization-aware training (quantize.qat)")
+    epochs: int | None = opt(None, "QAT epochs (default: QATConfig's)")
+    qat_lr: float | None = opt(None, "QAT learning rate (default: QATConfig's)")
+    freeze_bn_epoch: int | None = opt(None, "QAT: epoch from which BN stats freeze")
+    freeze_observer_epoch: int | None = opt(None, "QAT: epoch from which ranges freeze")
+    qat_images: int | None = opt(None, "QAT: training images per epoch")
+    qat_minutes: float = opt(6.0, "QAT: wall-clock minutes for all epochs, the steps fitted to the measured step "
+                                  "time; 0 = none")
+    export: bool = opt(True, "end by exporting the validated .tflite (out/model_<config>.tflite); --no-export "
+                             "skips it")
+    val_images: int = opt(1000, VAL_IMAGES_HELP)
+    bf16: bool | None = opt(None, "QAT: bf16 autocast (then no longer bit-exact with the integer model); default: "
+                                  "FP32")
+    data: str = opt(DEFAULT_DATA, DATA_HELP)
+    data_source: str = opt("folder", DATA_SOURCE_HELP)
+    cache_dir: str = opt(DEFAULT_CACHE, "where the archive is unpacked and decoded")
+    seed: int = opt(0, "calibration split, random calibration data, AdaRound")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default")
+    device: str = opt("auto", DEVICE_HELP)
+    progress: bool = opt(True, "progress bars")
 
 
 QAT_FIELDS = {"epochs": "epochs", "qat_lr": "lr", "freeze_bn_epoch": "freeze_bn_epoch",
               "freeze_observer_epoch": "freeze_observer_epoch", "qat_images": "max_images_per_epoch", "bf16": "bf16",
-              "qat_minutes": "budget_minutes"}
+              "qat_minutes": "budget_minutes", "eval_images": "eval_images"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m quantize", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(CliConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        kw = {"dest": f.name, "default": f.default, "help": f"{f.metadata['help']} (default: {f.default})"}
-        if f.type in ("bool", bool, "bool | None"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            typ = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}[str(f.type)]
-            p.add_argument(flag, type=typ, metavar=f.name.upper(), **kw)
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_config(p, CliConfig)
     return p
 
 
@@ -122,13 +116,6 @@ def quant_config_from(cli: CliConfig) -> QuantConfig:
     return cfg
 
 
-def eval_subset(test: Split, n: int) -> Split:
-    """n test images evenly spaced over the (class-sorted) split: every 5th of 10,000 for n = 2,000."""
-    if not 1 <= n <= len(test):
-        raise ValueError(f"--eval-size should be in [1, {len(test)}], not {n}")
-    return test.subset(torch.arange(n) * len(test) // n)
-
-
 def evaluate_quantized(qm, ref_logits: torch.Tensor, split: Split, layout: str, device, progress: bool) -> dict:
     t0 = time.time()
     logits = predict(qm, split, layout, device=device, desc="eval quantized", disable_bar=not progress)
@@ -149,9 +136,7 @@ def quantize_one(model, ds, qcfg: QuantConfig, cli: CliConfig, masks: dict | Non
     return run_qat(model, ds, qcfg, qat_cfg, cli.device, masks=masks)
 
 
-def _parse(argv) -> CliConfig:
-    ns = build_parser().parse_args(argv)
-    cli = CliConfig(**vars(ns))
+def _check(cli: CliConfig) -> CliConfig:
     cli.out = cli.out or str(runs_dir() / "quantize")
     if cli.threads < 0:
         raise ValueError(f"--threads should be >= 0, not {cli.threads}")
@@ -170,12 +155,13 @@ def run(cli: CliConfig) -> dict:
     ckpt = load_checkpoint(cli.checkpoint)
     require_float_checkpoint(ckpt, cli.checkpoint)
     model, ckpt = load_model(ckpt, where=cli.checkpoint)
+    cli.device = str(torch_device(cli.device))
     model = model.to(cli.device)
     ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=model.cfg.layout,
                                  cache_dir=cli.cache_dir, seed=cli.seed,
                                  calib_size=max(cli.calib_size, 1000)))
     ds.check_classes(model.cfg.num_classes, cli.checkpoint)
-    split = eval_subset(ds.test, cli.eval_size)
+    split = ds.test.stratified(cli.eval_images)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps({"cli": asdict(cli), "quant_config": qcfg.to_dict() if qcfg else None},
                                  indent=2) + "\n", out / "quantize_config.json")
@@ -237,14 +223,16 @@ def _short_report(report: dict) -> dict:
 
 def main(argv=None) -> int:
     try:
-        cli = _parse(argv)
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:      # --help (0) or a malformed flag (2, message already printed)
+        return int(e.code or 0)
+
+    def body():
+        cli = _check(config_from(ns, CliConfig))
         if cli.threads:
             torch.set_num_threads(cli.threads)
         run(cli)
-    except (ValueError, CheckpointError, DataError) as e:   # user errors: one clear line, non-zero exit
-        print(f"python -m quantize: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(PROG, body)
 
 
 if __name__ == "__main__":

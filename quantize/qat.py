@@ -67,7 +67,7 @@ class QATConfig:
     max_images_per_epoch: int | None = 10_000   # images per epoch, at least one batch (None: all)
     budget_minutes: float | None = None  # wall clock for all epochs: steps per epoch fitted to the measured step
     calib_batches: int = 4               # batches of the calibration split seen before training starts
-    eval_every: int = 5                  # evaluate on every n-th test image (5: the 2,000-image subset; 0: skip)
+    eval_images: int | None = 2000       # test images after each epoch (class-stratified; 0 = all; None = skip)
     act_observer: str | None = "ema"     # activation observer during QAT (None: keep the QuantConfig's)
     bf16: bool | None = None             # autocast the convolutions to bf16 (inexact, see the module docstring);
     #                                      None: FP32 whatever the hardware (mobilenet/precision.py, exact=)
@@ -188,7 +188,7 @@ def run_qat(model: MobileNetV2, dataset, qcfg: QuantConfig, qat_cfg: QATConfig |
     log(f"QAT {qcfg.name}: calibrated on {seen} images; act observer {qcfg.act_observer}, "
         f"{c.epochs} epochs of <= {c.max_images_per_epoch or len(dataset.train)} images, lr {c.lr}")
 
-    test = dataset.test.subset(torch.arange(0, len(dataset.test), c.eval_every)) if c.eval_every else None
+    test = dataset.test.stratified(c.eval_images) if c.eval_images is not None else None
     n_train = len(dataset.train) if c.max_images_per_epoch is None else min(len(dataset.train),
                                                                              c.max_images_per_epoch)
     steps = max(1, n_train // c.batch_size)

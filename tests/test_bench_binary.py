@@ -309,5 +309,5 @@ def test_bench_device_downloads_and_times(phone, tiny_models, mirror, tmp_path, 
     assert main(["--device", str(tiny_models["int8"])]) == 2
     downloading, error = capsys.readouterr().err.strip().splitlines()
     assert downloading == f"benchmark_model: downloading {mirror.url}/android_aarch64_benchmark_model"
-    assert error.startswith("error: cannot download benchmark_model:") and "is unreachable" in error
+    assert error.startswith("python -m bench: error: cannot download benchmark_model:") and "is unreachable" in error
     assert "--benchmark-binary PATH or set BENCHMARK_MODEL=PATH" in error

@@ -71,7 +71,7 @@ def test_matrix_quick_rows_resume(tmp_path):
                  "model": model.state_dict()}, ckpt)
     out = tmp_path / "matrix"
     args = ["--matrix", "--checkpoint", str(ckpt), "--out", str(out), "--data", str(CIFAR_TGZ), "--quick",
-            "--only", "FP32,W8A8", "--eval-every", "50", "--calib-size", "64", "--val-images", "20",
+            "--only", "FP32,W8A8", "--eval-images", "200", "--calib-size", "64", "--val-images", "20",
             "--host-runs", "5"]
     assert bench_cli.main(args) == 0
     rows = read_matrix(out / "matrix.csv")

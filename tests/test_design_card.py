@@ -29,7 +29,7 @@ def tree(tmp_path):
 def test_three_commands_in_order_on_the_users_data(tree, tmp_path, phone, standin_binary, monkeypatch, capsys):
     data = ["--cache-dir", str(tmp_path / "cache")]
     # 1. python train.py --prune 0.7 (tiny width and budgets; no paths)
-    assert train.main(["--prune", "0.7", "--root", str(tree), *data, "--width", "0.25", "--batch-size", "16",
+    assert train.main(["--prune", "0.7", "--data", str(tree), *data, "--width", "0.25", "--batch-size", "16",
                        "--epochs", "1", "--budget-minutes", "0.1", "--prune-sweep-minutes", "0.05",
                        "--prune-budget-minutes", "0.05"]) == 0
     base = runs_dir() / "baseline"
@@ -46,7 +46,7 @@ def test_three_commands_in_order_on_the_users_data(tree, tmp_path, phone, standi
     # 2. python -m quantize --qat: finds the pruned model by itself and ends with the validated .tflite
     capsys.readouterr()
     assert quantize_cli.main(["--qat", "--data", str(tree), *data, "--qat-minutes", "0.1", "--epochs", "1",
-                              "--calib-size", "32", "--eval-size", "24", "--val-images", "24", "--no-progress"]) == 0
+                              "--calib-size", "32", "--eval-images", "24", "--val-images", "24", "--no-progress"]) == 0
     assert f"using {(base / 'pruned.pt').resolve()} (the latest pruned model" in capsys.readouterr().out
     q = runs_dir() / "quantize"
     qm = json.loads((q / "metrics.json").read_text())
@@ -92,7 +92,7 @@ def test_matrix_takes_the_users_model_and_data(tree, tmp_path):
                  "model": model.state_dict()}, ckpt)
     out = tmp_path / "matrix"
     assert bench_cli.main(["--matrix", "--checkpoint", str(ckpt), "--data", str(tree), "--out", str(out),
-                           "--only", "FP32,W8A8", "--quick", "--eval-every", "1", "--calib-size", "32",
+                           "--only", "FP32,W8A8", "--quick", "--eval-images", "0", "--calib-size", "32",
                            "--val-images", "24", "--host-runs", "3"]) == 0
     rows = read_matrix(out / "matrix.csv")
     assert [(r["config"], r["export_status"]) for r in rows] == [("FP32", "ok"), ("W8A8", "ok")]

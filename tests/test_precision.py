@@ -87,7 +87,7 @@ def test_divergence_guard():
 def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     torch.manual_seed(0)
-    code = train.main(["--source", "random", "--width", "0.25", "--epochs", "1", "--max-steps-per-epoch", "30",
+    code = train.main(["--data-source", "random", "--width", "0.25", "--epochs", "1", "--max-steps-per-epoch", "30",
                        "--batch-size", "32", "--lr", "400", "--warmup", "0.01", "--out", str(out)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]   # the rest is the progress bar
     assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: training diverged at step"), err

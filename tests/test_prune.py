@@ -222,9 +222,9 @@ def test_cli_subprocess_exit_code(tmp_path):
 
 def test_from_train_config_reads_train_fields():
     tcfg = types.SimpleNamespace(prune="0.6", prune_structured=None, seed=3, bf16=False, channels_last=False,
-                                 batch_size=64, layout="cifar", prune_epochs=2, lr=0.3)
+                                 batch_size=64, layout="cifar", prune_epochs=2, lr=0.3, eval_images=500)
     cfg = from_train_config(tcfg)
-    assert (cfg.ratio, cfg.seed, cfg.bf16, cfg.batch_size, cfg.epochs) == (0.6, 3, False, 64, 2)
+    assert (cfg.ratio, cfg.seed, cfg.bf16, cfg.batch_size, cfg.epochs, cfg.eval_images) == (0.6, 3, False, 64, 2, 500)
     assert cfg.lr == 0.001                           # train.py's own lr is not the fine-tuning lr
     with pytest.raises(ValueError, match="1.5"):
         from_train_config(types.SimpleNamespace(prune=1.5))

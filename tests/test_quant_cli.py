@@ -14,11 +14,11 @@ from conftest import tiny_config
 from mobilenet import atomic_save, build_model
 from mobilenet.runs import latest
 from quantize import recipe
-from quantize.__main__ import eval_subset, main, quant_config_from, CliConfig
+from quantize.__main__ import main, quant_config_from, CliConfig
 from quantize.io import load_quantized
 from quantize.matrix import matrix_rows, read_rows, row_id
 
-FAST = ["--data-source", "random", "--calib-size", "32", "--eval-size", "64", "--opt-images", "16",
+FAST = ["--data-source", "random", "--calib-size", "32", "--eval-images", "64", "--opt-images", "16",
         "--no-progress", "--no-export"]
 
 
@@ -63,7 +63,7 @@ def test_bit_overrides_and_methods(ckpt, tmp_path):
     (["--granularity", "per-row"], "'per-row'"),
     (["--calib", "imagenet"], "'imagenet'"),
     (["--config", "W8A32", "--a-bits", "8"], "--a-bits 8"),
-    (["--eval-size", "0"], "--eval-size"),
+    (["--eval-images", "-1"], "--eval-images should be >= 0 instead of -1"),
     (["--adaround-iters", "-1"], "-1"),
 ])
 def test_user_errors_exit_2_and_write_nothing(ckpt, tmp_path, capsys, args, message):
@@ -86,13 +86,17 @@ def test_checkpoint_errors(ckpt, tmp_path, capsys):
     assert "is a quantized checkpoint" in capsys.readouterr().err
 
 
-def test_eval_subset_is_every_kth():
+def test_eval_images_is_one_stratified_subset():
+    """--eval-images N means the same N images in every command: evenly spaced over the class-sorted test set."""
     from mobilenet.data import Split
     labels = torch.arange(10000) // 1000            # class-sorted, like the test folder
     split = Split(torch.zeros(10000, 1, 1, 1, dtype=torch.uint8), labels)
-    sub = eval_subset(split, 2000)
+    sub = split.stratified(2000)
     assert torch.equal(sub.labels, labels[::5]) and torch.bincount(sub.labels).tolist() == [200] * 10
-    assert len(eval_subset(split, 10000)) == 10000
+    # 1,500 does not divide 10,000: still 150 of every class, spread to the last one (a plain stride of 6 would
+    # stop at image 9,000 and give the last class 0)
+    assert torch.bincount(split.stratified(1500).labels).tolist() == [150] * 10
+    assert len(split.stratified(10000)) == len(split.stratified(0)) == len(split.stratified(20000)) == 10000
 
 
 def test_qat_flags_reach_qat_and_the_file_is_exported(ckpt, tmp_path, capsys):

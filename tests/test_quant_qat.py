@@ -215,7 +215,7 @@ def test_run_qat_holds_masks_and_does_not_diverge(tiny_model, cifar_small):
     before = {n: params[n].detach().clone() for n in names}
     # every phase in three short epochs, at a learning rate 100x the recipe's to stress it
     cfg = QATConfig(epochs=3, lr=0.01, freeze_bn_epoch=1, freeze_observer_epoch=2, batch_size=32,
-                    max_images_per_epoch=128, calib_batches=1, eval_every=32, channels_last=False)
+                    max_images_per_epoch=128, calib_batches=1, eval_images=312, channels_last=False)
     out = run_qat(model, cifar_small, recipe("W8A8"), cfg, masks=masks, log=lambda *_: None)
     assert [h["epoch"] for h in out.qat_history] == [1, 2, 3]
     assert all(math.isfinite(h["loss"]) for h in out.qat_history)

@@ -25,11 +25,11 @@ from mobilenet.engine import train_one_epoch
 from mobilenet.precision import resolve_precision
 
 # width 0.25, a few 64-image steps per epoch, 250 test images: seconds per epoch on 2 cores
-TINY = ["--width", "0.25", "--batch-size", "64", "--eval-stride", "40"]
+TINY = ["--width", "0.25", "--batch-size", "64", "--eval-images", "250"]
 
 
 def _run_args(out: Path, cache_dir: Path, *extra) -> list[str]:
-    return ["--root", str(CIFAR_TGZ), "--cache-dir", str(cache_dir), "--out", str(out), *TINY, *extra]
+    return ["--data", str(CIFAR_TGZ), "--cache-dir", str(cache_dir), "--out", str(out), *TINY, *extra]
 
 
 def _env():
@@ -93,7 +93,7 @@ def test_default_run_learns_an_unseen_grayscale_tree(tmp_path):
     lr 0.2) learn rather than blow up (a 3-step warm-up once took such a run from loss 2.34 to 9.4)."""
     tree = make_image_tree(tmp_path / "tree")
     out = tmp_path / "out"
-    assert train.main(["--root", str(tree), "--cache-dir", str(tmp_path / "cache"), "--width", "0.25",
+    assert train.main(["--data", str(tree), "--cache-dir", str(tmp_path / "cache"), "--width", "0.25",
                        "--batch-size", "16", "--epochs", "5", "--max-train-images", "0", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     losses = [r["train_loss"] for r in m["history"]]
@@ -105,8 +105,8 @@ def test_default_run_learns_an_unseen_grayscale_tree(tmp_path):
 
 def test_budget_fits_the_steps_to_the_measured_speed(tmp_path, capsys):
     out = tmp_path / "out"
-    assert train.main(["--source", "random", "--width", "0.25", "--batch-size", "32", "--epochs", "2",
-                       "--budget-minutes", "0.1", "--eval-stride", "64", "--out", str(out)]) == 0
+    assert train.main(["--data-source", "random", "--width", "0.25", "--batch-size", "32", "--epochs", "2",
+                       "--budget-minutes", "0.1", "--eval-images", "8", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     b = m["budget"]
     assert b["minutes"] == 0.1 and b["step_seconds"] > 0 and b["steps_per_epoch"] >= 1
@@ -118,11 +118,14 @@ def test_budget_fits_the_steps_to_the_measured_speed(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- resume
 
-def test_killed_run_resumes_to_the_same_state(cifar, cache_dir, tmp_path):
-    args = ["--epochs", "4", "--max-steps-per-epoch", "3"]
-    full = subprocess.Popen([sys.executable, "train.py", *_run_args(tmp_path / "full", cache_dir, *args)],
+def test_killed_run_resumes_to_the_same_state(tmp_path):
+    # synthetic images and no budget probe: the resume logic, not the data path, is under test (the data's
+    # seeding per epoch is the same for every source)
+    args = ["--data-source", "random", "--width", "0.25", "--batch-size", "32", "--eval-images", "32",
+            "--budget-minutes", "0", "--epochs", "4", "--max-steps-per-epoch", "3"]
+    full = subprocess.Popen([sys.executable, "train.py", *args, "--out", str(tmp_path / "full")],
                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = subprocess.Popen([sys.executable, "train.py", *_run_args(tmp_path / "killed", cache_dir, *args)],
+    killed = subprocess.Popen([sys.executable, "train.py", *args, "--out", str(tmp_path / "killed")],
                               cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "killed" / "metrics.json"
     deadline = time.time() + 240
@@ -165,11 +168,11 @@ def _tiny_checkpoint(path: Path, kind="fp32", **cfg) -> Path:
                                   "not-a-number"])
 def test_bad_input_is_one_line_exit_2_and_no_file(case, tmp_path, capsys):
     out = tmp_path / "out"
-    rnd = ["--source", "random", "--width", "0.25", "--epochs", "1", "--max-steps-per-epoch", "1"]
+    rnd = ["--data-source", "random", "--width", "0.25", "--epochs", "1", "--max-steps-per-epoch", "1"]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
     argv, expect = {
-        "missing-data": (["--root", str(tmp_path / "nowhere")], f"data not found: {tmp_path / 'nowhere'}"),
+        "missing-data": (["--data", str(tmp_path / "nowhere")], f"data not found: {tmp_path / 'nowhere'}"),
         "corrupt-ckpt": (rnd + ["--init", str(bad)], f"checkpoint {bad} is corrupt"),
         "other-width": (rnd + ["--init", str(_tiny_checkpoint(tmp_path / "w05.pt", width_mult=0.5))],
                         "another width"),
@@ -191,7 +194,7 @@ def test_bad_input_is_one_line_exit_2_and_no_file(case, tmp_path, capsys):
 
 def test_resume_refuses_a_changed_flag(tmp_path, capsys):
     out = tmp_path / "out"
-    base = ["--source", "random", "--width", "0.25", "--epochs", "1", "--max-steps-per-epoch", "1", "--out", str(out)]
+    base = ["--data-source", "random", "--width", "0.25", "--epochs", "1", "--max-steps-per-epoch", "1", "--out", str(out)]
     assert train.main(base) == 0
     before = (out / "checkpoint.pt").read_bytes()
     assert train.main(["--resume", "--out", str(out), "--lr", "0.1"]) == 2
@@ -204,7 +207,7 @@ def test_init_from_torchvision_with_other_classes_reinitializes_classifier(tmp_p
     tv = mobilenet_v2(width_mult=0.25, num_classes=1000)  # as ImageNet weights would be saved
     torch.save(tv.state_dict(), tmp_path / "tv.pt")
     out = tmp_path / "out"
-    assert train.main(["--source", "random", "--width", "0.25", "--epochs", "0", "--init", str(tmp_path / "tv.pt"),
+    assert train.main(["--data-source", "random", "--width", "0.25", "--epochs", "0", "--init", str(tmp_path / "tv.pt"),
                        "--out", str(out)]) == 0
     assert "the checkpoint has 1000 classes, the model 10: the classifier is re-initialized" in capsys.readouterr().out
     sd = load_checkpoint(out / "checkpoint.pt")["model"]
@@ -223,7 +226,7 @@ def test_prune_flags_call_the_pipeline(tmp_path, monkeypatch):
         return {"sparsity": 0.5}
     monkeypatch.setitem(sys.modules, "prune.pipeline", types.SimpleNamespace(run_prune_pipeline=run_prune_pipeline))
     out = tmp_path / "out"
-    assert train.main(["--source", "random", "--width", "0.25", "--epochs", "1", "--max-steps-per-epoch", "1",
+    assert train.main(["--data-source", "random", "--width", "0.25", "--epochs", "1", "--max-steps-per-epoch", "1",
                        "--prune", "0.5", "--out", str(out)]) == 0
     (model, dataset, tcfg, out_dir, device), = calls
     assert isinstance(model, torch.nn.Module) and isinstance(dataset, Dataset) and tcfg.prune == "0.5"
@@ -256,8 +259,8 @@ def test_reference_checkpoint_reproduces_its_accuracy(cifar, cache_dir, tmp_path
     assert model.cfg.width_mult == 1.0 and model.cfg.num_classes == 10 and model.cfg.layout == "cifar"
     assert sum(p.numel() for p in model.parameters()) == 2_236_682
     out = tmp_path / "ref"
-    assert train.main(["--root", str(CIFAR_TGZ), "--cache-dir", str(cache_dir), "--init", str(REFERENCE_CKPT),
-                       "--epochs", "0", "--eval-stride", "5", "--out", str(out)]) == 0
+    assert train.main(["--data", str(CIFAR_TGZ), "--cache-dir", str(cache_dir), "--init", str(REFERENCE_CKPT),
+                       "--epochs", "0", "--eval-images", "2000", "--out", str(out)]) == 0
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert final["test_images"] == 2000
     # shared/models/README.md: 82.55 % on every 5th test image; 0.1 point = 2 images of slack for kernel differences

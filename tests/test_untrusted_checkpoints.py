@@ -31,7 +31,7 @@ def _commands(ckpt, out, data: str | None = None) -> dict:
     src = ["--data-source", "folder", "--data", data] if data else ["--data-source", "random"]
     return {
         "train --init": lambda: train.main(["--init", ckpt, "--width", "0.25", "--epochs", "1", "--max-steps-per-epoch",
-                                            "1", "--out", out] + (["--root", data] if data else ["--source", "random"])),
+                                            "1", "--out", out] + (["--data", data] if data else ["--data-source", "random"])),
         "prune": lambda: prune_cli.main(["--checkpoint", ckpt, "--ratio", "0.5", "--no-sweep", "--out", out] + src),
         "quantize": lambda: quantize_cli.main(["--checkpoint", ckpt, "--out", out, "--no-progress"] + src),
         "export": lambda: export_cli.main(["--checkpoint", ckpt, "--out", os.path.join(out, "m.tflite"),
