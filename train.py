@@ -13,33 +13,33 @@ then goes to prune/pipeline.py. A user error prints one line on stderr and exits
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, Parser, add_config, opt,
-                        run_command, torch_device)
-from mobilenet import (CheckpointError, ModelConfig, atomic_save, atomic_write_text, build_model,
-                       from_torchvision_state_dict, load_checkpoint)
+                        run_command)
+from common.files import atomic_write_text, tensor_digest
+from mobilenet import CheckpointError, ModelConfig, atomic_save, build_model, load_checkpoint
 from mobilenet.checkpoint import FORMAT
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, SOURCES, BatchLoader, DataConfig, load_dataset
-from mobilenet.engine import DivergenceGuard, evaluate, fit_steps_to_budget, train_one_epoch
+from mobilenet.engine import DivergenceGuard, evaluate, train_one_epoch
 from mobilenet.model import LAYOUTS
 from mobilenet.precision import resolve_precision
 from mobilenet.runs import record, runs_dir
+from mobilenet.training import (MIN_WARMUP_STEPS, fit_budget, init_state, make_scheduler, peak_scale, rank0_first,
+                                resolve_device, rng_state, seed_everything, set_rng_state, warmup_steps,
+                                world_info)
 
-__all__ = ["TrainConfig", "build_parser", "main", "train", "param_digest"]
+__all__ = ["TrainConfig", "build_parser", "main", "train"]
 
 SCHEDULES = ("onecycle", "cosine")
 # Fields that may differ on --resume: where things live and what runs after the baseline, not how it trains.
@@ -47,9 +47,6 @@ RESUME_MAY_CHANGE = ("device", "out", "resume", "data", "cache_dir", "eval_image
                      "prune_structured", "prune_sweep_minutes", "prune_budget_minutes")
 # Saved configs of earlier releases spelled these flags differently (--root, --source).
 _RENAMED = {"root": "data", "source": "data_source"}
-# A warm-up of a few steps to a peak of 0.2 blows a fresh network up (a 3-step warm-up on a small grayscale set
-# went from loss 2.34 to 9.4); at least this many steps (or half the run, if shorter) rise to the peak.
-MIN_WARMUP_STEPS = 50
 
 
 _f = opt
@@ -151,158 +148,184 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------------------------- pieces
-
-def param_digest(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer, in state_dict order: equal digests mean bit-identical models."""
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _rng_state() -> dict:
-    """Every random state, as the plain values a checkpoint holds (numpy's key array as an int64 tensor)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                       has_gauss, gauss), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, where: str):
-    try:
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        torch.set_rng_state(state["torch"])
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.setstate(state["python"])
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise CheckpointError(f"--resume: {where} holds a malformed random state ({type(e).__name__}: {e})") from None
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _init_state(path: str, ckpt: dict, mcfg: ModelConfig) -> tuple[ModelConfig, dict, list[str]]:
-    """Weights of `ckpt` in our key names for a model of `mcfg`; a classifier of another class count is dropped.
-
-    Returns (model config, state_dict to load with strict=False, notes for the user).
-    """
-    notes = []
-    if ckpt.get("format") == FORMAT:
-        if ckpt.get("kind") not in ("fp32", "pruned"):
-            raise CheckpointError(f"--init {path}: a {ckpt.get('kind')!r} checkpoint cannot be trained in FP32")
-        src = ckpt["model_config"]
-        if src.get("hidden_channels"):
-            mcfg = replace(mcfg, hidden_channels=src["hidden_channels"])  # a structured-pruned network
-        if src.get("layout") != mcfg.layout:
-            notes.append(f"--init {path}: weights of a {src.get('layout')}-layout model used in the "
-                         f"{mcfg.layout} layout (strides carry no weights)")
-        sd = dict(ckpt["model"])
-    else:
-        sd = from_torchvision_state_dict(ckpt, build_model(mcfg))
-    own = build_model(mcfg).state_dict()
-    stem = sd.get("features.0.0.weight")
-    if stem is not None and stem.shape != own["features.0.0.weight"].shape:
-        raise CheckpointError(f"--init {path}: the checkpoint's stem has {stem.shape[0]} channels, a width "
-                              f"{mcfg.width_mult} model has {own['features.0.0.weight'].shape[0]}: "
-                              f"is it a checkpoint of another width? (pass its --width)")
-    w = sd.get("classifier.1.weight")
-    if w is not None and w.shape[0] != mcfg.num_classes:
-        notes.append(f"--init {path}: the checkpoint has {w.shape[0]} classes, the model {mcfg.num_classes}: "
-                     f"the classifier is re-initialized")
-        sd.pop("classifier.1.weight")
-        sd.pop("classifier.1.bias", None)
-    for k, v in own.items():
-        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"--init {path}: {k} has shape {tuple(sd[k].shape)}, the model "
-                                  f"{tuple(v.shape)}: a checkpoint of another width or structure?")
-        if k not in sd and not k.startswith("classifier.1."):
-            raise CheckpointError(f"--init {path}: missing {k}")
-    extra = [k for k in sd if k not in own]
-    if extra:
-        raise CheckpointError(f"--init {path}: unexpected keys, e.g. {extra[:3]}")
-    return mcfg, sd, notes
-
-
-def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
-    """Steps rising to the peak: --warmup of the run, but at least MIN_WARMUP_STEPS or half of a shorter run."""
-    if cfg.warmup == 0:
-        return 0
-    return max(1, round(cfg.warmup * total_steps), min(MIN_WARMUP_STEPS, total_steps // 2))
-
-
-def peak_scale(cfg: TrainConfig, total_steps: int) -> float:
-    """The warm-up never climbs faster than a MIN_WARMUP_STEPS ramp to --lr: a run too short for that ramp peaks
-    where the ramp has got to (a 16-step run of a width-0.25 model diverged at step 8 on an 8-step ramp to 0.2)."""
-    warm = warmup_steps(cfg, total_steps)
-    return min(1.0, warm / MIN_WARMUP_STEPS) if warm else 1.0
-
-
-def _scheduler(opt, cfg: TrainConfig, total_steps: int):
-    scale = peak_scale(cfg, total_steps)
-    peak = opt.param_groups[0]["lr"] * scale
-    warm = warmup_steps(cfg, total_steps)
-    if cfg.schedule == "onecycle" and total_steps >= 4:   # OneCycleLR needs >= 2 steps in each of its phases
-        warm = min(max(warm, 2), total_steps - 2)
-        # peak/25 -> peak over the warm-up, cosine down to peak/25/1e4; momentum held at --momentum
-        return torch.optim.lr_scheduler.OneCycleLR(opt, peak, total_steps=total_steps,
-                                                   pct_start=min(warm / total_steps, 0.99), cycle_momentum=False)
-
-    def factor(step):  # multiplier of --lr at `step` (0-based)
-        if cfg.schedule == "onecycle":   # fewer than 4 steps: no room for a cycle, stay at its starting rate
-            return scale / 25
-        if step < warm:
-            return scale * (step + 1) / warm
-        return scale * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    """--device as common.cli reads it; under torchrun a plain `cuda` is this process's GPU."""
-    dev = torch_device(name)
-    return torch.device(f"cuda:{local_rank}") if dev.type == "cuda" and dev.index is None else dev
-
-
-def _fit_budget(model, loader, cfg: TrainConfig, bf16: bool, test_images: int, world: int) -> dict:
-    """Steps per epoch that make all epochs (and their evaluations) fit in --budget-minutes, from the step time
-    measured on a copy of the model. Every rank gets the smallest count, so DDP ranks stay in step."""
-    evals = -(-cfg.epochs // cfg.eval_every) + 1
-    budget = fit_steps_to_budget(model, loader, bf16, cfg.budget_minutes, cfg.epochs, evals * test_images)
-    if world > 1:
-        t = torch.tensor([budget["steps_per_epoch"]])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        budget.update(steps_per_epoch=int(t.item()), images_per_s=world * budget["images_per_s"])
-    return budget
-
-
-def _rank0_first(world: int, rank: int, fn):
-    """Run fn on rank 0 first (it unpacks and caches the data), then on the others; an error reaches every rank."""
-    if world == 1:
-        return fn()
-    result, err = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except ValueError as e:
-            err = str(e)
-    msg = [err]
-    dist.broadcast_object_list(msg, src=0)
-    if msg[0] is not None:
-        raise ValueError(msg[0])
-    return result if rank == 0 else fn()
-
-
 # ---------------------------------------------------------------------------------------------- training
+
+class _Run:
+    """One training run (one process of a torchrun job): its data, model, optimizer and history, and the steps
+    of `train`, each a method."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, world: int, rank: int):
+        self.cfg, self.device, self.world, self.rank = cfg, device, world, rank
+        self.say = print if rank == 0 else (lambda *a, **k: None)
+        self.out = Path(cfg.out)
+        self.history, self.start, self.budget, self.sched = [], 0, None, None
+
+    def load_data(self):
+        cfg = self.cfg
+        self.ds = rank0_first(self.world, self.rank, lambda: load_dataset(cfg.data_config()))
+        self.n_classes = cfg.classes or len(self.ds.classes)
+        if self.n_classes < len(self.ds.classes):
+            raise ValueError(f"--classes {cfg.classes} is fewer than the {len(self.ds.classes)} classes in {cfg.data}")
+        self.test = self.ds.test.stratified(cfg.eval_images)
+
+    def build(self, resume_ckpt: dict | None, init_ckpt: dict | None):
+        """The model: fresh, from --init, or from the checkpoint being resumed."""
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        mcfg = ModelConfig(cfg.layout, cfg.width, self.n_classes, cfg.dropout)
+        sd, notes = None, []
+        if resume_ckpt is not None:
+            mcfg, sd = ModelConfig(**resume_ckpt["model_config"]), resume_ckpt["model"]
+        elif init_ckpt is not None:
+            mcfg, sd, notes = init_state(cfg.init, init_ckpt, mcfg)
+        model = build_model(mcfg)
+        if sd is not None:
+            model.load_state_dict(sd, strict=False)  # strict=False only for a re-initialized classifier, checked
+        for n in notes:
+            self.say(n)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.mcfg, self.model = mcfg, model
+        self.net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                           else None) if self.world > 1 else model
+
+    def plan(self, resume_ckpt: dict | None):
+        """Loader, precision, steps per epoch (the time budget), optimizer and schedule; a resumed run's state."""
+        cfg, world = self.cfg, self.world
+        self.loader = BatchLoader(self.ds.train, cfg.batch_size // world, cfg.layout, shuffle=True, augment=True,
+                                  drop_last=True, seed=cfg.seed, rank=self.rank, world_size=world,
+                                  channels_last=cfg.channels_last, device=self.device)
+        self.prec = resolve_precision(cfg.bf16, self.device)
+        self.say(f"precision: {self.prec}")
+        steps = len(self.loader)
+        if resume_ckpt is not None and resume_ckpt.get("budget"):
+            self.budget = resume_ckpt["budget"]          # the fitted step count, so the schedule resumes unchanged
+        elif resume_ckpt is None and cfg.budget_minutes and cfg.epochs > 0:
+            self.budget = fit_budget(self.model, self.loader, cfg, self.prec.bf16, len(self.test), world)
+        if self.budget is not None:
+            steps = min(steps, self.budget["steps_per_epoch"])
+            self.say(f"budget {cfg.budget_minutes:g} min: {self.budget['step_seconds']:.3f} s per step measured "
+                     f"({self.budget['images_per_s']:.0f} img/s) -> {steps} steps per epoch")
+        if cfg.max_train_images:
+            steps = min(steps, math.ceil(cfg.max_train_images / cfg.batch_size))
+        if cfg.max_steps_per_epoch:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        if steps < 1 and cfg.epochs > 0:
+            raise ValueError(f"{len(self.ds.train)} training images make no full batch of {cfg.batch_size}")
+        self.steps, total = steps, steps * cfg.epochs
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr * cfg.batch_size / 128, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        self.sched = make_scheduler(self.opt, cfg, total) if cfg.epochs > 0 else None
+        if resume_ckpt is not None:
+            self.opt.load_state_dict(resume_ckpt["optimizer"])
+            if self.sched is not None and resume_ckpt.get("scheduler") is not None:
+                self.sched.load_state_dict(resume_ckpt["scheduler"])
+            set_rng_state(resume_ckpt["rng"], str(self.out / "checkpoint.pt"))
+            self.history, self.start = list(resume_ckpt["metrics"]), int(resume_ckpt["epoch"])
+            self.say(f"resuming {cfg.out} after epoch {self.start} of {cfg.epochs}")
+        if cfg.epochs > 0 and peak_scale(cfg, total) < 1:
+            self.say(f"a short run ({total} steps): the learning rate peaks at "
+                     f"{peak_scale(cfg, total) * cfg.lr * cfg.batch_size / 128:.4g}, where a "
+                     f"{MIN_WARMUP_STEPS}-step warm-up would be after {warmup_steps(cfg, total)} steps")
+        self.say(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {self.device} "
+                 f"x{world}: {cfg.epochs} epochs of {steps} steps of {cfg.batch_size} images, "
+                 f"{len(self.ds.train)} training images, eval on {len(self.test)} test images")
+
+    def checkpoint(self, epoch: int) -> dict:
+        return {"format": FORMAT, "kind": "fp32", "model_config": self.mcfg.to_dict(),
+                "model": self.model.state_dict(), "config": asdict(self.cfg), "epoch": epoch,
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched is not None else None, "metrics": self.history,
+                "rng": rng_state(), "torch_version": torch.__version__, "budget": self.budget,
+                "precision": self.prec.to_dict()}
+
+    def write_metrics(self, extra: dict | None = None):
+        doc = {"config": asdict(self.cfg), "model_config": self.mcfg.to_dict(), "data": self.ds.describe(),
+               "precision": self.prec.to_dict(), "budget": self.budget, "history": self.history, **(extra or {})}
+        atomic_write_text(json.dumps(doc, indent=2, default=str) + "\n", self.out / "metrics.json")
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.test, self.cfg.layout, device=self.device,
+                        channels_last=self.cfg.channels_last, desc="eval", disable_bar=self.rank != 0)
+
+    def epoch(self, epoch: int, guard: DivergenceGuard):
+        """Train one epoch, reduce its statistics over ranks; on rank 0 evaluate (when due) and save."""
+        cfg, world = self.cfg, self.world
+        self.loader.set_epoch(epoch)
+        t0 = time.time()
+        st = train_one_epoch(self.net, self.loader, self.opt, self.sched, label_smoothing=cfg.label_smoothing,
+                             bf16=self.prec.bf16, max_steps=self.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                             disable_bar=self.rank != 0, guard=guard)
+        seconds = time.time() - t0
+        if world > 1:  # DDP syncs BN statistics at the start of a forward: those of the last step are rank-local
+            for buf in self.model.buffers():
+                dist.broadcast(buf, src=0)
+        sums = torch.tensor([st["loss"] * st["images"], st["acc"] * st["images"], st["images"]], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+        row = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
+               "train_acc": sums[1].item() / sums[2].item(), "train_images": int(sums[2].item()),
+               "train_seconds": round(seconds, 2), "images_per_s": round(sums[2].item() / seconds, 1),
+               "lr_last": self.opt.param_groups[0]["lr"]}
+        if self.rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            ev = self.evaluate()
+            row.update(test_acc=ev["acc"], test_images=ev["n"])
+        self.history.append(row)
+        if self.rank == 0:
+            atomic_save(self.checkpoint(epoch + 1), self.out / "checkpoint.pt")
+            self.write_metrics()
+            acc = f", test acc {100 * row['test_acc']:.2f}%" if "test_acc" in row else ""
+            self.say(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, train acc "
+                     f"{100 * row['train_acc']:.2f}%{acc} ({seconds:.0f} s, {row['images_per_s']:.0f} img/s)",
+                     flush=True)
+        if world > 1:
+            dist.barrier()
+
+    def finish(self, t_start: float) -> dict:
+        """The final record: accuracy of the final model, and (DDP) proof that every rank holds the same weights."""
+        cfg = self.cfg
+        final = {"epochs": cfg.epochs, "wall_seconds": round(time.time() - t_start, 1),
+                 "param_sha256": tensor_digest(self.model)}
+        if self.world > 1:
+            digests = [None] * self.world
+            dist.all_gather_object(digests, final["param_sha256"])
+            final["rank_param_sha256"] = digests
+        if self.rank == 0:
+            last = next((r for r in reversed(self.history) if "test_acc" in r), None)
+            if last is None or last["epoch"] != cfg.epochs:  # --epochs 0: evaluate the --init model as it is
+                ev = self.evaluate()
+                last = {"epoch": cfg.epochs, "test_acc": ev["acc"], "test_images": ev["n"]}
+                if not self.history:
+                    atomic_save(self.checkpoint(0), self.out / "checkpoint.pt")
+            final.update(test_acc=last["test_acc"], test_images=last["test_images"])
+            self.write_metrics({"final": final})
+            record("baseline", self.out / "checkpoint.pt")
+            self.say(f"final test accuracy {100 * final['test_acc']:.2f}% on {final['test_images']} images; "
+                     f"{self.out / 'checkpoint.pt'} ({final['wall_seconds']:.0f} s)")
+        return final
+
+    def prune(self, final: dict):
+        """Pruning, on rank 0 with the trained FP32 model (prune/pipeline.py owns everything from here)."""
+        if self.world > 1:
+            dist.destroy_process_group()
+            self.world = 1
+        if self.rank == 0:
+            try:
+                from prune.pipeline import run_prune_pipeline
+            except ImportError as e:
+                raise ValueError(f"--prune needs prune/pipeline.py, which cannot be imported ({e})") from e
+            final["prune"] = run_prune_pipeline(self.model, self.ds, self.cfg, self.out, self.device)
+            self.write_metrics({"final": final})
+            record("pruned", self.out / "pruned.pt")
+
 
 def train(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
     """Train (or resume) per `cfg`; returns the final metrics. Every process of a torchrun job calls this."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, local_rank = world_info()
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    device = _resolve_device(cfg.device, local_rank)
+    device = resolve_device(cfg.device, local_rank)
     init_ckpt = load_checkpoint(cfg.init) if cfg.init and resume_ckpt is None else None  # fail before data
     rank = 0
     if world > 1:
@@ -312,158 +335,18 @@ def train(cfg: TrainConfig, resume_ckpt: dict | None = None) -> dict:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank = dist.get_rank()
-    say = print if rank == 0 else (lambda *a, **k: None)
     t_start = time.time()
-
-    # 1. data
-    ds = _rank0_first(world, rank, lambda: load_dataset(cfg.data_config()))
-    n_classes = cfg.classes or len(ds.classes)
-    if n_classes < len(ds.classes):
-        raise ValueError(f"--classes {cfg.classes} is fewer than the {len(ds.classes)} classes in {cfg.data}")
-    test = ds.test.stratified(cfg.eval_images)
-
-    # 2. model: fresh, from --init, or from the checkpoint being resumed
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    mcfg = ModelConfig(cfg.layout, cfg.width, n_classes, cfg.dropout)
-    sd, notes = None, []
-    if resume_ckpt is not None:
-        mcfg, sd = ModelConfig(**resume_ckpt["model_config"]), resume_ckpt["model"]
-    elif init_ckpt is not None:
-        mcfg, sd, notes = _init_state(cfg.init, init_ckpt, mcfg)
-    model = build_model(mcfg)
-    if sd is not None:
-        model.load_state_dict(sd, strict=False)  # strict=False only for a re-initialized classifier, checked above
-    for n in notes:
-        say(n)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-
-    # 3. loader, optimizer, schedule
-    loader = BatchLoader(ds.train, cfg.batch_size // world, cfg.layout, shuffle=True, augment=True, drop_last=True,
-                         seed=cfg.seed, rank=rank, world_size=world, channels_last=cfg.channels_last, device=device)
-    prec = resolve_precision(cfg.bf16, device)
-    say(f"precision: {prec}")
-    steps, budget = len(loader), None
-    if resume_ckpt is not None and resume_ckpt.get("budget"):
-        budget = resume_ckpt["budget"]          # the fitted step count, so the schedule resumes unchanged
-    elif resume_ckpt is None and cfg.budget_minutes and cfg.epochs > 0:
-        budget = _fit_budget(model, loader, cfg, prec.bf16, len(test), world)
-    if budget is not None:
-        steps = min(steps, budget["steps_per_epoch"])
-        say(f"budget {cfg.budget_minutes:g} min: {budget['step_seconds']:.3f} s per step measured "
-            f"({budget['images_per_s']:.0f} img/s) -> {steps} steps per epoch")
-    if cfg.max_train_images:
-        steps = min(steps, math.ceil(cfg.max_train_images / cfg.batch_size))
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    if steps < 1 and cfg.epochs > 0:
-        raise ValueError(f"{len(ds.train)} training images make no full batch of {cfg.batch_size}")
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr * cfg.batch_size / 128, momentum=cfg.momentum,
-                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    sched = _scheduler(opt, cfg, steps * cfg.epochs) if cfg.epochs > 0 else None
-    history, start = [], 0
-    if resume_ckpt is not None:
-        opt.load_state_dict(resume_ckpt["optimizer"])
-        if sched is not None and resume_ckpt.get("scheduler") is not None:
-            sched.load_state_dict(resume_ckpt["scheduler"])
-        _set_rng_state(resume_ckpt["rng"], str(Path(cfg.out) / "checkpoint.pt"))
-        history, start = list(resume_ckpt["metrics"]), int(resume_ckpt["epoch"])
-        say(f"resuming {cfg.out} after epoch {start} of {cfg.epochs}")
-    out = Path(cfg.out)
-    if cfg.epochs > 0 and peak_scale(cfg, steps * cfg.epochs) < 1:
-        say(f"a short run ({steps * cfg.epochs} steps): the learning rate peaks at "
-            f"{peak_scale(cfg, steps * cfg.epochs) * cfg.lr * cfg.batch_size / 128:.4g}, where a "
-            f"{MIN_WARMUP_STEPS}-step warm-up would be after {warmup_steps(cfg, steps * cfg.epochs)} steps")
-    say(f"training {sum(p.numel() for p in model.parameters()):,} parameters on {device} x{world}: "
-        f"{cfg.epochs} epochs of {steps} steps of {cfg.batch_size} images, {len(ds.train)} training images, "
-        f"eval on {len(test)} test images")
-
-    def checkpoint(epoch):
-        return {"format": FORMAT, "kind": "fp32", "model_config": mcfg.to_dict(), "model": model.state_dict(),
-                "config": asdict(cfg), "epoch": epoch, "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None, "metrics": history,
-                "rng": _rng_state(), "torch_version": torch.__version__, "budget": budget,
-                "precision": prec.to_dict()}
-
-    def write_metrics(extra=None):
-        doc = {"config": asdict(cfg), "model_config": mcfg.to_dict(), "data": ds.describe(), "precision": prec.to_dict(),
-               "budget": budget, "history": history, **(extra or {})}
-        atomic_write_text(json.dumps(doc, indent=2, default=str) + "\n", out / "metrics.json")
-
-    def evaluate_now() -> dict:
-        return evaluate(model, test, cfg.layout, device=device, channels_last=cfg.channels_last,
-                        desc="eval", disable_bar=rank != 0)
-
-    # 4. epochs: train, reduce statistics over ranks, evaluate and save on rank 0
+    run = _Run(cfg, device, world, rank)
+    run.load_data()
+    run.build(resume_ckpt, init_ckpt)
+    run.plan(resume_ckpt)
     guard = DivergenceGuard()
-    for epoch in range(start, cfg.epochs):
-        loader.set_epoch(epoch)
-        t0 = time.time()
-        st = train_one_epoch(net, loader, opt, sched, label_smoothing=cfg.label_smoothing, bf16=prec.bf16,
-                             max_steps=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable_bar=rank != 0,
-                             guard=guard)
-        seconds = time.time() - t0
-        if world > 1:  # DDP syncs BN statistics at the start of a forward: those of the last step are rank-local
-            for buf in model.buffers():
-                dist.broadcast(buf, src=0)
-        sums = torch.tensor([st["loss"] * st["images"], st["acc"] * st["images"], st["images"]], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(sums)
-        row = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
-               "train_acc": sums[1].item() / sums[2].item(), "train_images": int(sums[2].item()),
-               "train_seconds": round(seconds, 2), "images_per_s": round(sums[2].item() / seconds, 1),
-               "lr_last": opt.param_groups[0]["lr"]}
-        if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            ev = evaluate_now()
-            row.update(test_acc=ev["acc"], test_images=ev["n"])
-        history.append(row)
-        if rank == 0:
-            atomic_save(checkpoint(epoch + 1), out / "checkpoint.pt")
-            write_metrics()
-            acc = f", test acc {100 * row['test_acc']:.2f}%" if "test_acc" in row else ""
-            say(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, train acc "
-                f"{100 * row['train_acc']:.2f}%{acc} ({seconds:.0f} s, {row['images_per_s']:.0f} img/s)", flush=True)
-        if world > 1:
-            dist.barrier()
-
-    # 5. the final record: accuracy of the final model, and (DDP) proof that every rank holds the same weights
-    final = {"epochs": cfg.epochs, "wall_seconds": round(time.time() - t_start, 1), "param_sha256": param_digest(model)}
-    if world > 1:
-        digests = [None] * world
-        dist.all_gather_object(digests, final["param_sha256"])
-        final["rank_param_sha256"] = digests
-    if rank == 0:
-        last = next((r for r in reversed(history) if "test_acc" in r), None)
-        if last is None or last["epoch"] != cfg.epochs:  # --epochs 0: evaluate the --init model as it is
-            ev = evaluate_now()
-            last = {"epoch": cfg.epochs, "test_acc": ev["acc"], "test_images": ev["n"]}
-            if not history:
-                atomic_save(checkpoint(0), out / "checkpoint.pt")
-        final.update(test_acc=last["test_acc"], test_images=last["test_images"])
-        write_metrics({"final": final})
-        record("baseline", out / "checkpoint.pt")
-        say(f"final test accuracy {100 * final['test_acc']:.2f}% on {final['test_images']} images; "
-            f"{out / 'checkpoint.pt'} ({final['wall_seconds']:.0f} s)")
-
-    # 6. pruning, on rank 0 with the trained FP32 model (prune/pipeline.py owns everything from here)
+    for epoch in range(run.start, cfg.epochs):
+        run.epoch(epoch, guard)
+    final = run.finish(t_start)
     if cfg.prune or cfg.prune_structured:
-        if world > 1:
-            dist.destroy_process_group()
-            world = 1
-        if rank == 0:
-            try:
-                from prune.pipeline import run_prune_pipeline
-            except ImportError as e:
-                raise ValueError(f"--prune needs prune/pipeline.py, which cannot be imported ({e})") from e
-            final["prune"] = run_prune_pipeline(model, ds, cfg, out, device)
-            write_metrics({"final": final})
-            record("pruned", out / "pruned.pt")
-    if world > 1:
+        run.prune(final)
+    if run.world > 1:
         dist.destroy_process_group()
     return final
 
@@ -507,6 +390,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mobilenet.checkpoint import exit_cleanly_on_sigterm
+    from common.files import exit_cleanly_on_sigterm
     exit_cleanly_on_sigterm()
     sys.exit(main())

@@ -148,6 +148,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mobilenet.checkpoint import exit_cleanly_on_sigterm
+    from common.files import exit_cleanly_on_sigterm
     exit_cleanly_on_sigterm()
     sys.exit(main())

@@ -45,7 +45,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobilenet.checkpoint import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from common.files import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 
 __all__ = ["BinaryError", "Abi", "ABIS", "OFFICIAL_URL", "URL_ENV", "BINARY_ENV", "Resolved",
            "elf_kind", "check_elf", "cache_path", "base_url", "binary_url", "given_binary",

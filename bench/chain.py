@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common.cli import DATA_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, VAL_IMAGES_HELP, torch_device
-from mobilenet.checkpoint import atomic_write_text, load_checkpoint, load_model
+from mobilenet.checkpoint import load_checkpoint, load_model
+from common.files import atomic_write_text
 from mobilenet.data import DEFAULT_DATA
 from quantize.io import require_float_checkpoint
 
@@ -72,6 +73,9 @@ def _step(name: str, done: Path, fn, log: list):
 
 
 def run_chain(cfg: ChainConfig) -> Path:
+    """The whole study on one model: train, sweep + prune + fine-tune, quantize, export, time, report; each step
+    is skipped when its output exists, so a rerun resumes. (Long because the eight steps and the flags each gets
+    read best top to bottom in one place; each step is one call of another command.)"""
     from .matrix import load_all_modules
     load_all_modules()
     import export.__main__ as export_cli

@@ -6,10 +6,11 @@ import csv
 import json
 from pathlib import Path
 
-from mobilenet.checkpoint import atomic_write_text
+from common.files import atomic_write_text
 
-from .results import collect_meta, write_matrix_row, write_meta
-from .units import NA
+from common.matrix import write_matrix_row
+from common.provenance import collect_meta, write_meta
+from common.units import NA
 
 __all__ = ["write_chain_report", "stage_summary"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from bench.results import METHOD_NAMES, row_label
-from bench.units import fmt_bytes as _mb
-from bench.units import fmt_ms as _ms
+from common.matrix import METHOD_NAMES, row_label
+from common.units import fmt_bytes as _mb
+from common.units import fmt_ms as _ms
 
 __all__ = ["Finding", "STUDY", "compute_findings", "compare_with_study", "w8_snr", "per_tensor_delta", "w4_snr",
            "dynamic_slowdown", "int8_size_ratio", "calibration_delta", "method_gains"]
@@ -136,7 +136,8 @@ def method_gains(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- sentences
 
 def compute_findings(rows: list[dict]) -> list[Finding]:
-    """The findings the rows support, in reading order."""
+    """The findings the rows support, in reading order. (Long because each finding is a few lines of its own, in
+    the order a reader meets them, independent of the others.)"""
     out: list[Finding] = []
     fp = _fp32(rows)
     if (w := w8_snr(rows)) is not None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from bench import worker
 from bench.stats import summarize
-from mobilenet.precision import cpu_summary
+from common.machine import cpu_summary
 
 __all__ = ["HostConfig", "HOST_COLUMNS", "check_model", "run_host", "runtime_version", "host_description"]
 

@@ -1,5 +1,5 @@
 """The experiment matrix: every configuration of the study, quantized, exported where LiteRT runs it, validated,
-and timed on the host (and on a phone with --phone), one row of `matrix.csv` each (schema: bench.results).
+and timed on the host (and on a phone with --phone), one row of `matrix.csv` each (schema: common.matrix).
 
     python -m bench matrix --checkpoint ../shared/models/cifar10_mobilenetv2_w1.0.pt --out runs/matrix
 
@@ -14,23 +14,23 @@ Finally the report (bench.study_report) is written from the CSV.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from common.cli import EVAL_IMAGES_HELP
-from mobilenet.checkpoint import CheckpointError, atomic_save, load_model, remove_stale_temporaries
+from common.files import remove_stale_temporaries
+from common.matrix import done_keys, row_key, write_matrix_row
+from common.provenance import collect_meta, read_meta, write_meta
+from mobilenet.checkpoint import CheckpointError, load_model
 from mobilenet.data import DEFAULT_DATA, DataConfig, load_dataset
 from mobilenet.engine import predict
 from quantize.config import QuantConfig
+from quantize.matrix import fp32_logits, matrix_rows, method_of, sim_columns, study_key
 
-from .results import collect_meta, done_keys, read_meta, row_key, write_matrix_row, write_meta
-
-__all__ = ["MatrixConfig", "study_rows", "method_of", "run_matrix", "row_name"]
+__all__ = ["MatrixConfig", "study_rows", "run_matrix", "row_name"]
 
 _RUN_KEYS = ("command", "commit", "commit_dirty", "date")
 _SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -65,26 +65,9 @@ class MatrixConfig:
                 "replace the host latency columns (for a matrix that ran on a busy machine); 0 = no"})
 
 
-def method_of(q: QuantConfig) -> str:
-    """The matrix's method column: fp32, rtn (round to nearest), or the PTQ extras joined by '+'."""
-    if q.is_float:
-        return "fp32"
-    extras = [n for n, on in (("adaround", q.adaround), ("cle", q.cle), ("bc", q.bias_correction)) if on]
-    return "+".join(extras) or "rtn"
-
-
 def study_rows(calib_size: int, adaround_iters: int) -> list[tuple[QuantConfig, str]]:
-    """(config, method) for every row of the study, from quantize's own list (quantize.matrix.matrix_rows)."""
-    from quantize.matrix import matrix_rows
+    """(config, method) for every row of the study, from quantize's own list."""
     return [(q, method_of(q)) for q in matrix_rows(calib_size=calib_size, adaround_iters=adaround_iters)]
-
-
-def _key(qcfg: QuantConfig, method: str) -> dict:
-    static = qcfg.act_mode == "static"
-    return {"config": qcfg.name,
-            "granularity": qcfg.granularity if qcfg.w_bits is not None else "n/a",
-            "calib": qcfg.calib if static else "n/a",
-            "method": method}
 
 
 def row_name(key: dict) -> str:
@@ -164,7 +147,7 @@ def retime_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
     median / p5 / p95 become the medians over rounds of its per-round figures. Other columns are untouched."""
     import statistics
     from .host import HostConfig, run_host
-    from .results import read_matrix
+    from common.matrix import read_matrix
     out = Path(cfg.out or "runs/matrix")
     csv_path = out / "matrix.csv"
     rows = [r for r in read_matrix(csv_path) if r.get("tflite") and Path(r["tflite"]).is_file()]
@@ -194,6 +177,9 @@ def retime_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
 
 
 def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
+    """Every row of the study not yet in out/matrix.csv: quantize, evaluate, export, validate, time, write the row;
+    then the report. (Long because the set-up a resumed run must repeat in order, rows, data, provenance, FP32
+    logits, reads best in one place; each row's work is `_quantize`, `_export`, `_host`, `_device`.)"""
     load_all_modules()
     if cfg.retime:
         return retime_matrix(cfg, command)
@@ -234,21 +220,11 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
     write_meta(out / "meta.json", meta)
 
     from quantize.metrics import compare_logits, weight_size_bytes
-    ref_path = out / "fp32_logits.pt"
-    try:
-        cached = torch.load(ref_path, weights_only=True) if ref_path.exists() else None
-    except Exception:           # a damaged cache is computed again
-        cached = None
-    tag = (meta["checkpoint_sha256"], len(eval_split), cfg.eval_images)
-    if isinstance(cached, dict) and cached.get("tag") == tag and isinstance(cached.get("logits"), torch.Tensor):
-        ref = cached["logits"]
-    else:  # computed once per checkpoint and subset, kept for a resumed run
-        ref = predict(model, eval_split, model.cfg.layout, desc="FP32 logits")
-        atomic_save({"tag": tag, "logits": ref}, ref_path)
+    ref = fp32_logits(model, eval_split, out, cfg.checkpoint, progress=True)   # kept for a resumed run
 
     done = done_keys(csv_path)
     for qcfg, method in tqdm(rows, desc="matrix", unit="config"):
-        key = _key(qcfg, method)
+        key = study_key(qcfg, method)
         if row_key(key) in done:
             continue
         name = row_name(key)
@@ -256,9 +232,7 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
         ckpt = out / "checkpoints" / f"{name}.pt"
         qm = _quantize(model, dataset, qcfg, ckpt)
         m = compare_logits(ref, predict(qm, eval_split, model.cfg.layout, desc=name), eval_split.labels)
-        row = dict(key, w_bits=qcfg.w_bits, a_bits=qcfg.a_bits, act_mode=qcfg.act_mode, top1=m["acc_q"],
-                   top1_fp32=m["acc_ref"], agreement=m["agreement"], mse=m["mse"], snr_db=m["snr_db"],
-                   weight_bytes=weight_size_bytes(qm), eval_images=m["n"])
+        row = {**key, **sim_columns(qcfg, {**m, "weight_bytes": weight_size_bytes(qm)})}
         row.update(_export(cfg, qcfg, ckpt, out / "tflite" / f"{name}.tflite"))
         if row.get("export_status") == "ok":
             row.update(_host(cfg, row["tflite"]))

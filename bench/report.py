@@ -7,7 +7,7 @@ import io
 import json
 import os
 
-from mobilenet.checkpoint import atomic_write_text
+from common.files import atomic_write_text
 
 __all__ = ["format_table", "write_csv", "append_csv", "write_json", "write_text"]
 

@@ -2,7 +2,7 @@
 
     python -m bench.study_report RESULTS_DIR [--prune-dir DIR] [--out-dir DIR]
 
-Reads RESULTS_DIR/matrix.csv and meta.json (bench.results) and, if present, the pruning run's files
+Reads RESULTS_DIR/matrix.csv and meta.json (common.matrix, common.provenance) and, if present, the pruning run's files
 (prune_dir, default RESULTS_DIR/prune). Writes report.md, report.html and plots/*.png to out_dir (default
 RESULTS_DIR). Every number on the page is read or computed from those files; what is missing is shown as
 "not measured". The page is built once as a list of blocks and rendered twice, as Markdown and as HTML.
@@ -15,13 +15,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mobilenet.checkpoint import atomic_write_text
+from common.files import atomic_write_text
 
-from bench import plots
+from common import plots
+from prune import plots as prune_plots
 from bench.findings import compare_with_study, compute_findings
-from bench.results import PRUNE_FILES, load_prune, read_matrix, read_meta
-from bench.units import NA, fmt_bytes, fmt_ms, fmt_pct, fmt_snr
-from bench.units import finite as _finite
+from bench.results import PRUNE_FILES, load_prune
+from common.matrix import read_matrix
+from common.provenance import read_meta
+from common.units import NA, fmt_bytes, fmt_ms, fmt_pct, fmt_snr
+from common.units import finite as _finite
 
 __all__ = ["ReportConfig", "write_report", "build_blocks", "render_md", "render_html", "run_report",
            "main"]
@@ -154,7 +157,7 @@ def _prune_blocks(prune: dict, plot_dir: Path, matrix_meta: dict | None) -> list
         footer = (f"pruning run {prune['dir']} (prune/ outputs) · source checkpoint: {src} · command, commit and "
                   "machine not recorded (no prune_meta.json)")
         out.append(("p", f"Provenance of the pruning run: only its directory and source checkpoint are known "
-                         f"({prune['dir']}, {src}); write {PRUNE_FILES['meta']} with bench.results.collect_meta "
+                         f"({prune['dir']}, {src}); write {PRUNE_FILES['meta']} with common.provenance.collect_meta "
                          "to record the command, commit and machine."))
     if rep:
         sizes = (rep.get("size_baseline") or {}, rep.get("size_pruned") or {})
@@ -175,9 +178,9 @@ def _prune_blocks(prune: dict, plot_dir: Path, matrix_meta: dict | None) -> list
                     [[f"{r['ratio']:g}" if _finite(r.get("ratio")) else NA, fmt_pct(r.get("reached_sparsity")),
                       fmt_pct(r.get("acc")), f"{r['drop_points']:.2f}" if _finite(r.get("drop_points")) else NA,
                       _int(r.get("images")), r.get("bf16") or NA] for r in g]))
-    p1 = plots.plot_prune_sweep(g, plot_dir / "prune_sweep.png", footer)
-    p2 = plots.plot_prune_layers(lay, plot_dir / "prune_layers.png", footer)
-    p3 = plots.plot_accuracy_sparsity(g, rep, plot_dir / "prune_sparsity.png", footer)
+    p1 = prune_plots.plot_prune_sweep(g, plot_dir / "prune_sweep.png", footer)
+    p2 = prune_plots.plot_prune_layers(lay, plot_dir / "prune_layers.png", footer)
+    p3 = prune_plots.plot_accuracy_sparsity(g, rep, plot_dir / "prune_sparsity.png", footer)
     out += _figure("Sensitivity: accuracy against global ratio", p1, plot_dir.name, f"no {PRUNE_FILES['global']}")
     out += _figure("Per-layer sensitivity", p2, plot_dir.name, f"no {PRUNE_FILES['layers']}")
     out += _figure("Accuracy against sparsity", p3, plot_dir.name,
@@ -362,11 +365,6 @@ def run_report(cfg: ReportConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.study_report RESULTS_DIR`: the same as `python -m bench report RESULTS_DIR`."""
-    from bench.__main__ import main as bench_main
-    return bench_main(["report", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # `python -m bench.study_report DIR`, the earlier spelling of `python -m bench report DIR`
+    from bench.__main__ import main
+    sys.exit(main(["report", *sys.argv[1:]]))

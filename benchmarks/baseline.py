@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from mobilenet import atomic_write_text  # noqa: E402
+from common.files import atomic_write_text  # noqa: E402
 
 __all__ = ["main", "machine", "commit"]
 

@@ -35,7 +35,7 @@ from export import validate as V  # noqa: E402
 from export.convert import convert  # noqa: E402
 from export.report import file_summary  # noqa: E402
 from mobilenet import ModelConfig, build_model  # noqa: E402
-from mobilenet.checkpoint import atomic_write_text  # noqa: E402
+from common.files import atomic_write_text  # noqa: E402
 from quantize import calibrate, freeze, prepare, recipe  # noqa: E402
 
 PEER = ROOT.parent / "shared" / "refs" / "mobilenet_v2_1.0_224_quant.tflite"

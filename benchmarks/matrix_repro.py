@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.results import read_matrix, row_key  # noqa: E402
-from mobilenet.checkpoint import atomic_write_text  # noqa: E402
+from common.matrix import read_matrix, row_key  # noqa: E402
+from common.files import atomic_write_text  # noqa: E402
 
 EXACT = ("top1", "agreement", "mse", "snr_db", "weight_bytes", "file_bytes", "gzip_bytes", "exact_match", "max_lsb",
          "file_agreement")

@@ -32,11 +32,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mobilenet.checkpoint import atomic_write_text, load_model  # noqa: E402
+from mobilenet.checkpoint import load_model  # noqa: E402
+from common.files import atomic_write_text
 from mobilenet.data import DataConfig, load_dataset  # noqa: E402
 from prune.config import PruneConfig  # noqa: E402
 from prune.pipeline import run_prune_pipeline, write_json  # noqa: E402
-from prune.plots import plot_layer_heatmap  # noqa: E402
+from prune.plots import plot_prune_layers  # noqa: E402
+from prune.sweep import read_sweep_rows  # noqa: E402
+from common.plots import footer_text  # noqa: E402
 from prune.structured import compare_latency  # noqa: E402
 from prune.sweep import per_layer_sweep  # noqa: E402
 
@@ -100,7 +103,7 @@ def stage_layers(b, model, ds):
     write_json({"bench": asdict(b), "prune_config": cfg.to_dict()}, out / "prune_config.json")
     work = model.to(memory_format=torch.channels_last)
     rows = per_layer_sweep(work, ds.test.stratified(b.layer_images), cfg, csv_path=out / "sweep_layers.csv")
-    plot_layer_heatmap(rows, out / "sweep_layers.png")
+    plot_prune_layers(rows, out / "sweep_layers.png", footer_text(None, source="benchmarks/prune_bench.py layers"))
     return rows
 
 
@@ -181,6 +184,8 @@ def _pct(x):
 
 
 def stage_report(b: BenchConfig, cmd: str):
+    """RESULTS.md's pruning section from every stage's files. (Long because it is one Markdown document written
+    line by line in reading order; splitting it would scatter one table over several functions.)"""
     out = Path(b.out)
     cmds = [f"`{(out / st / 'command.txt').read_text().strip()}`" for st in ("unstructured", "structured", "layers",
                                                                          "latency", "litert") if (out / st / "command.txt").is_file()]
@@ -265,8 +270,8 @@ def stage_report(b: BenchConfig, cmd: str):
         rows = [r for r in csv.DictReader(open(lay)) if r["layer"] != "(none)"]
         worst = sorted(rows, key=lambda r: -float(r["drop_points"]))[:5]
         n_img = rows[0]["images"] if rows else "?"
-        all_rows = list(csv.DictReader(open(lay)))
-        plot_layer_heatmap(all_rows, lay.with_suffix(".png"))   # redrawn from the CSV, also for a partial sweep
+        plot_prune_layers(read_sweep_rows(lay), lay.with_suffix(".png"),   # redrawn from the CSV, also for a partial sweep
+                          footer_text(None, source=f"benchmarks/prune_bench.py, {lay}"))
         lines += ["", f"### Per-layer sweep ({len(rows)} of {53 * 5} trials, bf16 on {n_img} evenly spaced test "
                       f"images, drop vs the unpruned model on the same images)", "",
                   "Most sensitive trials: " + "; ".join(f"{r['layer']} ({r['kind']}) at {r['ratio']}: "

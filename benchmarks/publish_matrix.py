@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.study_report import write_report  # noqa: E402
-from mobilenet.checkpoint import atomic_write_text  # noqa: E402
+from common.files import atomic_write_text  # noqa: E402
 
 SECTION = "## Experiment matrix on the reference checkpoint (issue 7)"
 PRUNE_FILES = ("sweep_global.csv", "sweep_layers.csv", "prune_report.json", "prune_config.json", "prune_meta.json")

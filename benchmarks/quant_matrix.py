@@ -7,8 +7,6 @@ its CSV as a table into benchmarks/RESULTS.md under "## Quantization (issue 4)" 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mobilenet.checkpoint import atomic_write_text  # noqa: E402
+from common.files import atomic_write_text  # noqa: E402
 from quantize.__main__ import main as quantize_main  # noqa: E402
-from quantize.matrix import read_rows  # noqa: E402
+from common.machine import cpu_summary  # noqa: E402
+from common.matrix import read_matrix  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "models" / "cifar10_mobilenetv2_w1.0.pt"
 HEADING = "## Quantization (issue 4)"
@@ -32,40 +31,29 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _machine() -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}, CPU simulation"
-
-
 def table(rows: list[dict]) -> str:
     head = ("| configuration | granularity | calibration | methods | top-1 % | Δ vs FP32 (pts) | agreement % "
             "| logits SNR (dB) | weights (MB) | × smaller |")
     lines = [head, "|" + "---|" * 10]
+    fp32 = next((r["weight_bytes"] for r in rows if r["method"] == "fp32"), None)
     for r in rows:
-        lines.append(f"| {r['config']} | {r['granularity']} | {r['calib']} | {r['methods']} | "
-                     f"{100 * float(r['acc_q']):.2f} | {r['delta_points']} | {100 * float(r['agreement']):.2f} | "
-                     f"{r['snr_db']} | {int(r['weight_bytes']) / 1e6:.3f} | {r['size_ratio']} |")
+        ratio = f"{fp32 / r['weight_bytes']:.2f}" if fp32 and r["weight_bytes"] else "?"
+        lines.append(f"| {r['config']} | {r['granularity']} | {r['calib']} | {r['method']} | "
+                     f"{100 * r['top1']:.2f} | {100 * (r['top1'] - r['top1_fp32']):+.2f} | {100 * r['agreement']:.2f} | "
+                     f"{r['snr_db']:.2f} | {r['weight_bytes'] / 1e6:.3f} | {ratio} |")
     return "\n".join(lines)
 
 
 def section(rows: list[dict], command: str, eval_size: int, iters: int) -> str:
-    n = rows[0]["n_eval"] if rows else eval_size
+    n = rows[0]["eval_images"] if rows else eval_size
     return f"""{HEADING}
 
 Post-training quantization of the reference checkpoint ({REFERENCE.name}, FP32 82.40% on all 10,000 test images)
 in the fake-quant simulation (quantize/qmodel.py: int8 LiteRT quantization points, int32 biases).
 
 - command: `{command}`
-- commit: {_git_commit()} (plus the uncommitted quantize/ work of issue 4)
-- machine: {_machine()}
+- commit: {_git_commit()}
+- machine: {cpu_summary()}, CPU simulation
 - evaluation: {n} test images, evenly spaced over the class-sorted test set (every {10000 // int(n)}th), one run each
   (deterministic: seeded calibration split, seeded random calibration data); top-1 of FP32 on this subset is in
   the Δ column's reference
@@ -105,7 +93,7 @@ def main(argv=None) -> int:
         rc = quantize_main(argv_q)
         if rc:
             return rc
-    rows = read_rows(Path(a.out) / "matrix.csv")
+    rows = read_matrix(Path(a.out) / "matrix.csv")
     write_section(Path(a.results), section(rows, command.strip(), a.eval_images, a.adaround_iters))
     print(table(rows))
     return 0

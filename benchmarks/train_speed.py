@@ -30,7 +30,8 @@ from common.cli import Parser, add_config  # noqa: E402
 from mobilenet import ModelConfig, build_model  # noqa: E402
 from mobilenet.data import normalize  # noqa: E402
 from mobilenet.engine import autocast_ctx  # noqa: E402
-from mobilenet.precision import cpu_summary, resolve_precision  # noqa: E402
+from mobilenet.precision import resolve_precision  # noqa: E402
+from common.machine import cpu_summary
 
 __all__ = ["SpeedConfig", "main"]
 

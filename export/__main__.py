@@ -48,6 +48,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from mobilenet.checkpoint import exit_cleanly_on_sigterm
+    from common.files import exit_cleanly_on_sigterm
     exit_cleanly_on_sigterm()
     sys.exit(main())

@@ -12,9 +12,7 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +21,8 @@ from pathlib import Path
 import torch
 
 from common.cli import DATA_HELP, DATA_SOURCE_HELP, VAL_IMAGES_HELP, CheckFailed, opt
-from mobilenet.checkpoint import FORMAT, CheckpointError, atomic_file, atomic_write_text, load_checkpoint, load_model
+from mobilenet.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_model
+from common.files import atomic_file, atomic_write_text, sha256_file
 from mobilenet.data import BatchLoader, DataConfig, DEFAULT_DATA, load_dataset
 from quantize.config import RECIPES
 from quantize.io import load_quantized
@@ -34,7 +33,7 @@ from .convert import ExportError, convert, export_kind, static_int16
 from .report import file_summary, gzip_size, zero_weights
 from .tflite_file import read_tflite
 
-__all__ = ["ExportConfig", "ValidationFailed", "run_export", "load_for_export", "sha256"]
+__all__ = ["ExportConfig", "ValidationFailed", "run_export", "load_for_export"]
 
 
 @dataclass
@@ -72,14 +71,6 @@ class ExportConfig:
     def __post_init__(self):
         if self.data == "random":   # the earlier spelling of --data-source random
             self.data_source = "random"
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_for_export(path: str) -> tuple[torch.nn.Module, dict]:
@@ -145,7 +136,7 @@ def run_export(cfg: ExportConfig) -> dict:
     ckpt_path = Path(cfg.checkpoint)
     if not ckpt_path.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt_path}")
-    digest = sha256(ckpt_path)
+    digest = sha256_file(ckpt_path)
 
     qm, ckpt = load_for_export(str(ckpt_path))                                        # 1
     qcfg = qm.qcfg
@@ -179,7 +170,7 @@ def run_export(cfg: ExportConfig) -> dict:
         report = _report(cfg, ckpt_path, digest, ckpt, qcfg, qm, kind, notes, data, validation, convert_s)
         if not validation["passed"]:
             raise ValidationFailed(_failure_message(validation))
-        if sha256(ckpt_path) != digest:
+        if sha256_file(ckpt_path) != digest:
             raise ExportError(f"{ckpt_path} changed during the export")
     report["file"] = str(out)
     atomic_write_text(json.dumps(report, indent=2, default=str) + "\n", str(out) + ".json")

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, loading that never runs code, and one-line errors for every malformed file.
+"""Checkpoints: atomic saves of plain contents, loading that never runs code, and one-line errors for every malformed file.
 
 Our format is a dict saved with `torch.save`:
 
@@ -14,109 +14,30 @@ what a usable checkpoint is; quantize.io adds the checks of a quantized one.
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import pickle
 import re
-import signal
-import sys
-import tempfile
-import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from .model import ConvBNAct, InvertedResidual, MobileNetV2, ModelConfig, build_model
+from common.files import atomic_write
 
-__all__ = ["CheckpointError", "atomic_file", "atomic_save", "atomic_write_bytes", "atomic_write_text",
-           "load_checkpoint", "check_checkpoint", "check_tensors", "model_config_of", "temp_prefix",
-           "remove_stale_temporaries", "exit_cleanly_on_sigterm", "load_model", "from_torchvision_state_dict",
-           "to_torchvision_state_dict", "FORMAT", "KINDS"]
+from .model import InvertedResidual, MobileNetV2, ModelConfig, build_model
+
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "check_checkpoint", "check_tensors",
+           "model_config_of", "load_model", "from_torchvision_state_dict", "to_torchvision_state_dict", "FORMAT",
+           "KINDS"]
 
 FORMAT = "mnv2-compress"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model asked for."""
-
-
-def temp_prefix(path: str | os.PathLike) -> str:
-    """Prefix of the temporary file an atomic write of `path` uses: `.NAME.PID.` (+ random + `.tmp`), so that
-    one left behind by a killed process can be told from one a live process is still writing."""
-    return f".{Path(path).name}.{os.getpid()}."
-
-
-_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
-
-
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files in `directory` whose writer is dead (SIGKILL, power loss: nothing can clean
-    up after those); files of live processes are left alone. Returns what was removed."""
-    removed = []
-    d = Path(directory)
-    if not d.is_dir():
-        return removed
-    for f in d.iterdir():
-        m = _TEMP.match(f.name)
-        if not m or not f.is_file():
-            continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            continue            # alive (or not ours to signal): keep
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        f.unlink(missing_ok=True)
-        removed.append(f)
-    return removed
-
-
-def exit_cleanly_on_sigterm():
-    """Make SIGTERM (`kill`, a CI or batch-system timeout) raise SystemExit(143), as Ctrl-C raises
-    KeyboardInterrupt, so that the `except BaseException` clean-up of every atomic write runs and no temporary
-    file is left behind. Called by each command-line entry point."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` for the caller to write (and check); when the block ends without an
-    exception it is synced and renamed to `path`, so a reader never sees half a file, and any exception
-    (Ctrl-C, SIGTERM via `exit_cleanly_on_sigterm`, a failed check) deletes it and leaves `path` as it was.
-    The file gets the mode a plain open() would give (0644 under the usual umask 022), not mkstemp's 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic(path: str | os.PathLike, write) -> Path:
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-    return Path(path)
 
 
 _SCALARS = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
@@ -148,15 +69,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file. Only plain
     contents are written (see `_plain`), so that every file we write loads with `weights_only=True`."""
     obj = _plain(obj, "checkpoint")
-    return _atomic(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    return _atomic(path, lambda f: f.write(data))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    return atomic_write_bytes(text.encode(), path)
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ModelConfig", "ConvBNAct", "InvertedResidual", "MobileNetV2", "build_model", "make_divisible",

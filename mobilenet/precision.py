@@ -16,16 +16,13 @@ defaults to FP32 whatever the hardware. The user's flag (`--bf16` / `--no-bf16`)
 """
 from __future__ import annotations
 
-import functools
-import platform
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Precision", "resolve_precision", "cpu_flags", "cpu_isa", "cpu_name", "cpu_summary", "native_bf16"]
+from common.machine import BF16_FLAGS, cpu_flags, cpu_isa
 
-# /proc/cpuinfo flags that mean a native bf16 dot product on x86
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+__all__ = ["Precision", "resolve_precision", "native_bf16"]
 
 
 @dataclass(frozen=True)
@@ -44,57 +41,6 @@ class Precision:
         return f"{self.name} ({self.reason})"
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_isa(flags: frozenset[str] | None = None) -> str:
-    """The instruction sets that decide our speed, e.g. 'AVX2' or 'AVX-512 VNNI, bf16': int8 gains over FP32 need
-    VNNI (x86) or dot-product (ARM) instructions, bf16 gains need native bf16."""
-    flags = cpu_flags() if flags is None else flags
-    if not flags:
-        return platform.machine() or "unknown"
-    if "asimd" in flags:  # ARM
-        parts = ["NEON"] + (["dotprod"] if "asimddp" in flags else []) + (["bf16"] if "bf16" in flags else [])
-        return ", ".join(parts)
-    if "avx512f" in flags:
-        parts = ["AVX-512" + (" VNNI" if "avx512_vnni" in flags else "")]
-    elif "avx2" in flags:
-        parts = ["AVX2" + (" VNNI" if "avx_vnni" in flags else "")]
-    else:
-        parts = ["SSE"]
-    if any(f in flags for f in _BF16_FLAGS):
-        parts.append("bf16")
-    if "amx_tile" in flags:
-        parts.append("AMX")
-    return ", ".join(parts)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_name() -> str:
-    """The CPU's model name, e.g. 'AMD EPYC'."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def cpu_summary() -> str:
-    """What every speed figure names: the CPU and the instruction sets that decide its int8 and bf16 speed,
-    e.g. 'AMD EPYC (AVX2)' or 'AMD EPYC (AVX-512 VNNI, bf16)'."""
-    return f"{cpu_name()} ({cpu_isa()})"
-
-
 def native_bf16(device: torch.device | str) -> tuple[bool, str]:
     """(whether `device` runs bf16 natively, the reason)."""
     device = torch.device(device)
@@ -105,7 +51,7 @@ def native_bf16(device: torch.device | str) -> tuple[bool, str]:
     if device.type != "cpu":
         return False, f"{device.type}: bf16 support unknown"
     flags = cpu_flags()
-    have = [f for f in _BF16_FLAGS if f in flags]
+    have = [f for f in BF16_FLAGS if f in flags]
     if have:
         return True, f"the CPU has {'/'.join(f.upper() for f in have)} ({cpu_isa(flags)})"
     return False, f"the CPU has no native bf16 ({cpu_isa(flags)}): bf16 would be emulated, ~10x slower"

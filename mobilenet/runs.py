@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from common.files import atomic_write_text
 
 __all__ = ["KINDS", "runs_dir", "record", "latest", "find_input"]
 

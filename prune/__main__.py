@@ -18,7 +18,7 @@ from common.cli import DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, Parser, add_con
     torch_device
 from mobilenet.checkpoint import load_model
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, load_dataset
-from mobilenet.provenance import collect_meta, command_line, write_meta
+from common.provenance import collect_meta, command_line, write_meta
 from mobilenet.runs import find_input, record, runs_dir
 
 from .config import PruneConfig
@@ -100,6 +100,6 @@ def _run(cli: CliConfig, cfg: PruneConfig) -> int:
 
 
 if __name__ == "__main__":
-    from mobilenet.checkpoint import exit_cleanly_on_sigterm
+    from common.files import exit_cleanly_on_sigterm
     exit_cleanly_on_sigterm()
     sys.exit(main())

@@ -80,6 +80,8 @@ def fine_tune(model: nn.Module, dataset, cfg, layers: dict[str, nn.Module], rati
 
     `masks` are held in force (or, with cfg.gradual, replaced by a cubic ramp toward `ratio` over `layers`).
     Returns {"epochs": [per-epoch dicts], "steps", "images", "seconds", "masks": the masks in force at the end}.
+    Long because the loop's order matters and is easiest to check in one place: mask ramp, step, re-mask, budget
+    check, evaluation.
     """
     steps_per_epoch = -(-len(dataset.train) // cfg.batch_size) if not cfg.images_per_epoch else \
         max(1, min(len(dataset.train), cfg.images_per_epoch) // cfg.batch_size)

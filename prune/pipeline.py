@@ -18,16 +18,18 @@ from pathlib import Path
 
 import torch
 
-from mobilenet.checkpoint import FORMAT, atomic_save, atomic_write_text
-from mobilenet.provenance import collect_meta, command_line, write_meta
+from mobilenet.checkpoint import FORMAT, atomic_save
+from common.files import atomic_write_text
+from common.plots import footer_text
+from common.provenance import collect_meta, command_line, read_meta, write_meta
 
 from .config import PruneConfig, from_train_config
 from .finetune import fine_tune, recalibrate_bn
 from .masks import apply_masks, global_l1_masks, select_layers, sparsity_report, state_dict_sizes
-from .plots import plot_global_sweep, plot_layer_heatmap
+from .plots import plot_prune_layers, plot_prune_sweep
 from .structured import compare_latency, count_macs, count_params, structured_prune
 from .sweep import (GLOBAL_COLUMNS, accuracy, choose_auto_ratio, global_sweep,
-                    per_layer_sweep, write_csv)
+                    per_layer_sweep, read_sweep_rows, write_csv)
 
 __all__ = ["run_prune_pipeline", "run_sweeps", "PruneError", "model_stats", "write_json"]
 
@@ -46,10 +48,11 @@ def run_sweeps(model, dataset, cfg: PruneConfig, out_dir, device="cpu", log=prin
     """Global and (optionally) per-layer sensitivity sweeps; CSV and PNG in out_dir. Returns their rows."""
     out = Path(out_dir)
     res = {"precision": cfg.resolve_precision(device)}
+    footer = footer_text(read_meta(out / "prune_meta.json"), source=str(out))
     split = dataset.test.stratified(cfg.sweep_global_images)
     res["global"] = global_sweep(model, split, cfg, device, log=log)
     write_csv(res["global"], GLOBAL_COLUMNS, out / "sweep_global.csv")
-    plot_global_sweep(res["global"], out / "sweep_global.png")
+    plot_prune_sweep(read_sweep_rows(out / "sweep_global.csv"), out / "sweep_global.png", footer)
     if cfg.sweep_per_layer:
         work = copy.deepcopy(model).to(device).eval()
         if cfg.channels_last:
@@ -59,7 +62,7 @@ def run_sweeps(model, dataset, cfg: PruneConfig, out_dir, device="cpu", log=prin
         planned = res["layers"][0].get("planned_trials", len(res["layers"])) - 1 if res["layers"] else 0
         res["layers_trials"] = {"run": len(res["layers"]) - 1, "planned": planned,
                                 "minutes": cfg.sweep_minutes or None}
-        plot_layer_heatmap(res["layers"], out / "sweep_layers.png")
+        plot_prune_layers(read_sweep_rows(out / "sweep_layers.csv"), out / "sweep_layers.png", footer)
     log(f"sweep written to {out}/sweep_global.csv/.png" + (" and sweep_layers.csv/.png" if cfg.sweep_per_layer else ""))
     return res
 
@@ -83,24 +86,74 @@ def _train_config_dict(tcfg):
     return dict(vars(tcfg)) if hasattr(tcfg, "__dict__") else str(tcfg)
 
 
-def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneConfig | None = None,
-                       source: str | None = None, log=print) -> dict:
-    """Sweep -> prune -> fine-tune -> save. `tcfg` is train.py's TrainConfig (read by from_train_config) or None
-    when `cfg` is given. The input model is not modified. Returns the report (also in out_dir/prune_report.json)."""
-    cfg = cfg if cfg is not None else from_train_config(tcfg)
-    if cfg.ratio is None and cfg.structured is None:
-        raise ValueError("nothing to do: give --prune RATIO|auto and/or --prune-structured RATIO")
-    out = Path(out_dir)
+def _write_inputs(cfg: PruneConfig, tcfg, source, out: Path, device, log) -> dict:
+    """prune_config.json and prune_meta.json, before any work; returns the precision of each compute path."""
     out.mkdir(parents=True, exist_ok=True)
     precision = cfg.resolve_precision(device)
     for name, p in precision.items():
         log(f"precision of {name.replace('_', '-')}: {p['dtype']} ({p['reason']})")
-    write_json({"prune_config": cfg.to_dict(), "precision": precision, "caller_config": _train_config_dict(tcfg), "source": source},
-          out / "prune_config.json")
+    write_json({"prune_config": cfg.to_dict(), "precision": precision, "caller_config": _train_config_dict(tcfg),
+                "source": source}, out / "prune_config.json")
     # what produced these results (named under every plot of the report): command, checkpoint, commit, machine
     write_meta(out / "prune_meta.json", collect_meta(command_line(), source or "(in-memory model)",
                                                      eval_subset=f"{cfg.eval_images or 'all'} test images",
                                                      seed=cfg.seed))
+    return precision
+
+
+def _structured(dense, cfg: PruneConfig, report: dict, acc, device, log):
+    """Remove expansion channels; parameters, MACs and latency before and after go into `report`."""
+    model, kept = structured_prune(dense, cfg.structured, cfg.structured_round)
+    model.to(device)
+    report["structured_before"], report["structured_after"] = model_stats(dense, model, cfg)
+    report["hidden_channels"] = model.cfg.hidden_channels
+    b, a = report["structured_before"], report["structured_after"]
+    report["structured_latency_ratio"] = {k: a[k]["median_ms"] / b[k]["median_ms"]
+                                          for k in ("latency_b1", "latency_b64")}
+    report["acc_structured"] = acc(model, f"structured {cfg.structured}, before fine-tuning")
+    log(f"structured: params {b['params']} -> {a['params']}, MACs {b['macs']} -> {a['macs']}, latency b1 "
+        f"{b['latency_b1']['median_ms']:.2f} -> {a['latency_b1']['median_ms']:.2f} ms, b64 "
+        f"{b['latency_b64']['median_ms']:.1f} -> {a['latency_b64']['median_ms']:.1f} ms")
+    return model, kept
+
+
+def _save(model, masks: dict, kept, ratio, cfg: PruneConfig, tcfg, source, report: dict, out: Path, log):
+    """Sparsity reached and sizes into `report`; prune_layers.csv and pruned.pt. A sparsity off the asked ratio by
+    more than --tolerance writes the report for diagnosis and no checkpoint."""
+    sp = sparsity_report(model, masks or None)
+    report.update(global_sparsity=sp["global_sparsity"], total_sparsity=sp["total_sparsity"], nonzero=sp["nonzero"],
+                  numel=sp["numel"], layers=sp["layers"], size_pruned=state_dict_sizes(model.state_dict()))
+    log(f"sparsity: global {100 * sp['global_sparsity']:.2f}% over pruned layers, {100 * sp['total_sparsity']:.2f}% "
+        f"over all conv/linear weights; {sp['nonzero']} of {sp['numel']} non-zero; gzip "
+        f"{report['size_baseline']['gzip_bytes']} -> {report['size_pruned']['gzip_bytes']} bytes")
+    write_csv(sp["layers"], LAYER_REPORT_COLUMNS, out / "prune_layers.csv")
+    if ratio and abs(sp["global_sparsity"] - ratio) * 100 > cfg.tolerance:
+        msg = (f"global sparsity reached {100 * sp['global_sparsity']:.2f}% but {100 * ratio:.2f}% was asked "
+               f"(tolerance {cfg.tolerance} points); lower --min-density or the exclusions")
+        write_json(report | {"error": msg}, out / "prune_report.json")   # for diagnosis; no checkpoint is written
+        raise PruneError(msg)
+    metrics = {k: report[k] for k in ("acc_baseline", "acc_final", "drop_points", "global_sparsity",
+                                      "total_sparsity", "nonzero", "eval_images") if k in report}
+    ckpt = {"format": FORMAT, "kind": "pruned", "model_config": model.cfg.to_dict(),
+            "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            "masks": {k: v.cpu() for k, v in masks.items()}, "prune_config": cfg.to_dict(),
+            "caller_config": _train_config_dict(tcfg), "metrics": metrics, "source": source,
+            "structured_kept": {i: v.tolist() for i, v in kept.items()} if kept else None}
+    atomic_save(ckpt, out / "pruned.pt")
+    report["checkpoint"] = str(out / "pruned.pt")
+    log(f"saved {out / 'pruned.pt'}, {out / 'prune_report.json'}, {out / 'prune_layers.csv'}")
+
+
+def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneConfig | None = None,
+                       source: str | None = None, log=print) -> dict:
+    """Sweep -> prune -> fine-tune -> save. `tcfg` is train.py's TrainConfig (read by from_train_config) or None
+    when `cfg` is given. The input model is not modified. Returns the report (also in out_dir/prune_report.json).
+    (Long because the steps' order is the pipeline; each step is a few lines or a helper.)"""
+    cfg = cfg if cfg is not None else from_train_config(tcfg)
+    if cfg.ratio is None and cfg.structured is None:
+        raise ValueError("nothing to do: give --prune RATIO|auto and/or --prune-structured RATIO")
+    out = Path(out_dir)
+    precision = _write_inputs(cfg, tcfg, source, out, device, log)
     t_start = time.monotonic()
     model = copy.deepcopy(model).to(device).eval()
     eval_split = dataset.test.stratified(cfg.eval_images)
@@ -129,19 +182,7 @@ def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneCo
     # 3. structured pruning of expansion channels
     kept = None
     if cfg.structured:
-        dense = model
-        model, kept = structured_prune(dense, cfg.structured, cfg.structured_round)
-        model.to(device)
-        report["structured_before"], report["structured_after"] = model_stats(dense, model, cfg)
-        del dense
-        report["hidden_channels"] = model.cfg.hidden_channels
-        b, a = report["structured_before"], report["structured_after"]
-        report["structured_latency_ratio"] = {k: a[k]["median_ms"] / b[k]["median_ms"]
-                                              for k in ("latency_b1", "latency_b64")}
-        report["acc_structured"] = acc(model, f"structured {cfg.structured}, before fine-tuning")
-        log(f"structured: params {b['params']} -> {a['params']}, MACs {b['macs']} -> {a['macs']}, latency b1 "
-            f"{b['latency_b1']['median_ms']:.2f} -> {a['latency_b1']['median_ms']:.2f} ms, b64 "
-            f"{b['latency_b64']['median_ms']:.1f} -> {a['latency_b64']['median_ms']:.1f} ms")
+        model, kept = _structured(model, cfg, report, acc, device, log)
 
     # 4. unstructured global L1 masks
     masks, layers = {}, {}
@@ -173,28 +214,7 @@ def run_prune_pipeline(model, dataset, tcfg, out_dir, device="cpu", cfg: PruneCo
     report["drop_points"] = 100 * (report["acc_baseline"] - report["acc_final"])
 
     # 6. the reached sparsity, sizes, and the files
-    sp = sparsity_report(model, masks or None)
-    report.update(global_sparsity=sp["global_sparsity"], total_sparsity=sp["total_sparsity"], nonzero=sp["nonzero"],
-                  numel=sp["numel"], layers=sp["layers"], size_pruned=state_dict_sizes(model.state_dict()))
+    _save(model, masks, kept, ratio, cfg, tcfg, source, report, out, log)
     report["seconds"] = round(time.monotonic() - t_start, 1)
-    log(f"sparsity: global {100 * sp['global_sparsity']:.2f}% over pruned layers, {100 * sp['total_sparsity']:.2f}% "
-        f"over all conv/linear weights; {sp['nonzero']} of {sp['numel']} non-zero; gzip "
-        f"{report['size_baseline']['gzip_bytes']} -> {report['size_pruned']['gzip_bytes']} bytes")
-    write_csv(sp["layers"], LAYER_REPORT_COLUMNS, out / "prune_layers.csv")
-    if ratio and abs(sp["global_sparsity"] - ratio) * 100 > cfg.tolerance:
-        msg = (f"global sparsity reached {100 * sp['global_sparsity']:.2f}% but {100 * ratio:.2f}% was asked "
-               f"(tolerance {cfg.tolerance} points); lower --min-density or the exclusions")
-        write_json(report | {"error": msg}, out / "prune_report.json")   # for diagnosis; no checkpoint is written
-        raise PruneError(msg)
-    metrics = {k: report[k] for k in ("acc_baseline", "acc_final", "drop_points", "global_sparsity",
-                                      "total_sparsity", "nonzero", "eval_images") if k in report}
-    ckpt = {"format": FORMAT, "kind": "pruned", "model_config": model.cfg.to_dict(),
-            "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-            "masks": {k: v.cpu() for k, v in masks.items()}, "prune_config": cfg.to_dict(),
-            "caller_config": _train_config_dict(tcfg), "metrics": metrics, "source": source,
-            "structured_kept": {i: v.tolist() for i, v in kept.items()} if kept else None}
-    atomic_save(ckpt, out / "pruned.pt")
-    report["checkpoint"] = str(out / "pruned.pt")
     write_json(report, out / "prune_report.json")
-    log(f"saved {out / 'pruned.pt'}, {out / 'prune_report.json'}, {out / 'prune_layers.csv'}")
     return report

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import io
 import time
 from pathlib import Path
@@ -17,13 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mobilenet.checkpoint import atomic_write_text
+from common.files import atomic_write_text, tensor_digest
 from mobilenet.data import Split
 from mobilenet.engine import autocast_ctx, predict
 
 from .masks import match_layers, apply_masks, global_l1_masks, layer_kind, layer_l1_mask, prunable_layers, select_layers
 
-__all__ = ["accuracy", "global_sweep", "per_layer_sweep", "choose_auto_ratio", "model_fingerprint",
+__all__ = ["accuracy", "global_sweep", "per_layer_sweep", "choose_auto_ratio", "model_fingerprint", "read_sweep_rows",
            "write_csv", "read_csv", "GLOBAL_COLUMNS", "LAYER_COLUMNS"]
 
 GLOBAL_COLUMNS = ["ratio", "reached_sparsity", "acc", "drop_points", "images", "bf16"]
@@ -41,11 +40,8 @@ def accuracy(model: nn.Module, split: Split, layout: str = "cifar", bf16: bool =
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
+    """Short digest of the weights: a resumed per-layer sweep continues only on the same model."""
+    return tensor_digest(model)[:12]
 
 
 def write_csv(rows: list[dict], columns: list[str], path) -> None:
@@ -63,6 +59,30 @@ def read_csv(path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+_PRUNE_FLOATS = ("ratio", "reached_sparsity", "acc", "drop_points")
+_PRUNE_INTS = ("images", "numel")
+
+
+def read_sweep_rows(path) -> list[dict]:
+    """A sweep CSV (global or per-layer) with its numeric columns as numbers; [] if the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        t = dict(r)
+        for c in _PRUNE_FLOATS + _PRUNE_INTS:
+            if t.get(c) not in (None, ""):
+                try:
+                    t[c] = int(float(t[c])) if c in _PRUNE_INTS else float(t[c])
+                except ValueError:
+                    raise ValueError(f"{path}: column {c!r} should be a number, not {t[c]!r}") from None
+        out.append(t)
+    return out
 
 
 def _eval_copy(model: nn.Module, channels_last: bool, device) -> nn.Module:
@@ -96,7 +116,8 @@ def per_layer_sweep(model: nn.Module, split: Split, cfg, device="cpu", csv_path=
                     log=print) -> list[dict]:
     """Prune each conv/linear layer alone (L1, exactly round(ratio * numel) weights) at each ratio, evaluate, and
     restore the layer's weights bit for bit. Works on `model` itself (no copy): `after_trial(model, row)` lets a
-    caller verify it is unchanged. With `csv_path`, rows are written after every trial and reused on resume."""
+    caller verify it is unchanged. With `csv_path`, rows are written after every trial and reused on resume.
+    (Long because resume, trial, exact restore and the time budget share the loop's state.)"""
     model.eval()
     layers = prunable_layers(model)
     names = sorted(match_layers(cfg.sweep_layers, list(layers), "--sweep-layers"), key=list(layers).index) \

@@ -27,17 +27,19 @@ import torch
 
 from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, VAL_IMAGES_HELP, Parser,
                         add_config, config_from, opt, run_command, torch_device)
-from mobilenet.checkpoint import atomic_write_text, load_checkpoint, load_model
-from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, Split, load_dataset
+from common.files import atomic_write_text
+from mobilenet.checkpoint import load_checkpoint, load_model
+from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, load_dataset
 from mobilenet.engine import predict
 from mobilenet.runs import find_input, record, runs_dir
 
 from .config import RECIPES, QuantConfig, recipe
 from .io import require_float_checkpoint, save_quantized
-from .metrics import compare_logits, weight_size_bytes
+from .matrix import run_matrix
+from .metrics import evaluate_quantized, weight_size_bytes
 from .ptq import OPT_IMAGES, run_ptq
 
-__all__ = ["CliConfig", "build_parser", "main", "quant_config_from", "evaluate_quantized"]
+__all__ = ["CliConfig", "build_parser", "main", "quant_config_from"]
 
 PROG = "python -m quantize"
 
@@ -116,14 +118,6 @@ def quant_config_from(cli: CliConfig) -> QuantConfig:
     return cfg
 
 
-def evaluate_quantized(qm, ref_logits: torch.Tensor, split: Split, layout: str, device, progress: bool) -> dict:
-    t0 = time.time()
-    logits = predict(qm, split, layout, device=device, desc="eval quantized", disable_bar=not progress)
-    out = compare_logits(ref_logits, logits, split.labels)
-    out.update(weight_bytes=weight_size_bytes(qm), eval_seconds=round(time.time() - t0, 1))
-    return out
-
-
 def quantize_one(model, ds, qcfg: QuantConfig, cli: CliConfig, masks: dict | None = None):
     """The frozen QMobileNet for one configuration (PTQ, or QAT when cli.qat; QAT keeps pruning masks)."""
     if not cli.qat:
@@ -166,7 +160,6 @@ def run(cli: CliConfig) -> dict:
     atomic_write_text(json.dumps({"cli": asdict(cli), "quant_config": qcfg.to_dict() if qcfg else None},
                                  indent=2) + "\n", out / "quantize_config.json")
     if cli.matrix:
-        from .matrix import run_matrix
         return run_matrix(model, ds, split, cli, out)
     ref = predict(model, split, model.cfg.layout, device=cli.device, desc="eval fp32", disable_bar=not cli.progress)
     t0 = time.time()
@@ -236,6 +229,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from mobilenet.checkpoint import exit_cleanly_on_sigterm
+    from common.files import exit_cleanly_on_sigterm
     exit_cleanly_on_sigterm()
     sys.exit(main())

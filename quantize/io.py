@@ -20,7 +20,7 @@ import torch
 
 from mobilenet.checkpoint import (FORMAT, CheckpointError, atomic_save, check_checkpoint, check_tensors,
                                   load_checkpoint, model_config_of)
-from mobilenet.model import ModelConfig, build_model
+from mobilenet.model import build_model
 
 from .config import QuantConfig
 from .fakequant import FakeQuant

@@ -11,11 +11,14 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
 
-__all__ = ["compare_logits", "snr_db", "weight_size_bytes"]
+from mobilenet.engine import predict
+
+__all__ = ["compare_logits", "snr_db", "weight_size_bytes", "evaluate_quantized"]
 
 
 def snr_db(ref: torch.Tensor, q: torch.Tensor) -> float:
@@ -64,3 +67,13 @@ def weight_size_bytes(model: nn.Module, bits: int | None = None) -> int:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             total += m.weight.numel() * bits + m.weight.shape[0] * 32
     return total // 8
+
+
+def evaluate_quantized(qm, ref_logits: torch.Tensor, split, layout: str, device, progress: bool) -> dict:
+    """compare_logits of the quantized model against the FP32 logits on `split`, with its weight bytes and the
+    evaluation time."""
+    t0 = time.time()
+    logits = predict(qm, split, layout, device=device, desc="eval quantized", disable_bar=not progress)
+    out = compare_logits(ref_logits, logits, split.labels)
+    out.update(weight_bytes=weight_size_bytes(qm), eval_seconds=round(time.time() - t0, 1))
+    return out

@@ -159,7 +159,8 @@ def run_qat(model: MobileNetV2, dataset, qcfg: QuantConfig, qat_cfg: QATConfig |
 
     masks: the pruned checkpoint's "masks" (float-model names); pruned weights stay exactly zero throughout.
     The per-epoch history is left on the result as `qat_history` (a list of dicts) and the config as
-    `qat_config`.
+    `qat_config`. Long because the order of the phases (observers on, BN folding simulated, observers frozen, BN
+    frozen) is the algorithm and reads best in one place; the per-step work is in helpers.
     """
     c = qat_cfg if qat_cfg is not None else QATConfig()
     if qcfg.w_bits is None and qcfg.a_bits is None:

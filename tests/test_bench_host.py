@@ -9,7 +9,7 @@ import pytest
 
 from bench.__main__ import main
 from bench.host import HOST_COLUMNS
-from mobilenet.precision import cpu_summary
+from common.machine import cpu_summary
 from bench.parse import parse_benchmark_output
 from bench.stats import summarize
 from tests.bench_fixtures import standin_binary, tiny_models  # noqa: F401 (fixtures)

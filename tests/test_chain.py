@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bench.__main__ as bench_cli
-from bench.results import read_matrix
+from common.matrix import read_matrix
 from mobilenet import build_model
 from mobilenet.checkpoint import FORMAT, atomic_save
 from conftest import CIFAR_TGZ, tiny_config

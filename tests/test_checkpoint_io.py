@@ -1,14 +1,12 @@
 """Atomic writes under kills: SIGTERM cleans up after itself; what SIGKILL leaves is swept by the next run."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from mobilenet.checkpoint import remove_stale_temporaries, temp_prefix
+from common.files import remove_stale_temporaries, temp_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,11 +15,11 @@ def test_sigterm_during_an_atomic_write_leaves_nothing(tmp_path):
     target = tmp_path / "model.pt"
     code = (
         "import sys, time\n"
-        "from mobilenet.checkpoint import _atomic, exit_cleanly_on_sigterm\n"
+        "from common.files import atomic_write, exit_cleanly_on_sigterm\n"
         "exit_cleanly_on_sigterm()\n"
         "def slow(f):\n"
         "    f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)\n"
-        f"_atomic({str(target)!r}, slow)\n")
+        f"atomic_write({str(target)!r}, slow)\n")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "writing"

@@ -84,7 +84,7 @@ def test_matrix_takes_the_users_model_and_data(tree, tmp_path):
     from conftest import tiny_config
     from mobilenet import build_model
     from mobilenet.checkpoint import FORMAT, atomic_save
-    from bench.results import read_matrix
+    from common.matrix import read_matrix
     torch.manual_seed(0)
     model = build_model(tiny_config(num_classes=3))
     ckpt = tmp_path / "mine.pt"

@@ -61,7 +61,7 @@ def ckpts(tmp_path_factory, cifar_small):
 @pytest.fixture(scope="module")
 def w8a8(ckpts):
     from mobilenet.checkpoint import load_checkpoint
-    from export.pipeline import sha256
+    from common.files import sha256_file as sha256
     path = ckpts["dir"] / "w8a8.tflite"
     before = sha256(ckpts["W8A8"])
     rc = _run(["--checkpoint", str(ckpts["W8A8"]), "--out", str(path), "--val-images", VAL,
@@ -153,7 +153,6 @@ def test_corrupted_scale_is_caught(w8a8, ckpts, tmp_path, monkeypatch, capsys):
 
 def test_fp32_export_matches_pytorch(ckpts, tmp_path):
     from export.validate import interpreter
-    from mobilenet.data import BatchLoader
     path = tmp_path / "fp32.tflite"
     rc = _run(["--checkpoint", str(ckpts["fp32"]), "--out", str(path), "--val-images", "16",
                "--data", str(CIFAR_TGZ), "--skip-builtin"])

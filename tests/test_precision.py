@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import train
-from mobilenet import precision
+from mobilenet import precision, training
 from mobilenet.engine import DivergenceGuard, TrainingDiverged, budget_steps
-from mobilenet.precision import cpu_isa, resolve_precision
+from mobilenet.precision import resolve_precision
+from common.machine import cpu_isa
 
 # /proc/cpuinfo flag sets of the CPU kinds users run on (abridged to the flags that matter)
 ZEN3_AVX2 = frozenset("fpu sse sse2 avx avx2 fma f16c".split())
@@ -62,9 +63,9 @@ def test_budget_steps_golden():
                                                   (0.0, 1000, 0)])
 def test_warmup_is_never_a_handful_of_steps(warmup, total, steps):
     cfg = train.TrainConfig(warmup=warmup, schedule="cosine" if warmup == 0 else "onecycle")
-    assert train.warmup_steps(cfg, total) == steps
+    assert training.warmup_steps(cfg, total) == steps
     # and never steeper than a 50-step ramp: a 30-step run (15 rising) peaks at 15/50 of --lr
-    assert train.peak_scale(cfg, total) == (min(1.0, steps / 50) if steps else 1.0)
+    assert training.peak_scale(cfg, total) == (min(1.0, steps / 50) if steps else 1.0)
 
 
 def test_divergence_guard():

@@ -16,7 +16,8 @@ from mobilenet.runs import latest
 from quantize import recipe
 from quantize.__main__ import main, quant_config_from, CliConfig
 from quantize.io import load_quantized
-from quantize.matrix import matrix_rows, read_rows, row_id
+from common.matrix import MATRIX_COLUMNS, read_matrix
+from quantize.matrix import matrix_rows, row_id
 
 FAST = ["--data-source", "random", "--calib-size", "32", "--eval-images", "64", "--opt-images", "16",
         "--no-progress", "--no-export"]
@@ -125,11 +126,11 @@ def test_matrix_rows_cover_the_study():
     for name in ("W8A8", "W4A8"):
         for gran in ("per-channel", "per-tensor"):
             for calib in ("real", "random"):
-                assert f"{name} {gran} {calib} -" in ids
+                assert f"{name} {gran} {calib} rtn" in ids
     for name in ("W8A32", "W16A32", "W4A32", "W8A16"):        # no calibration: one row per granularity
-        assert [i for i in ids if i.startswith(name + " ") and i.endswith(" -")] == \
-               [f"{name} per-channel n/a -", f"{name} per-tensor n/a -"]
-    assert "FP32 n/a n/a -" in ids and "W8A8 per-tensor real cle+bias-corr" in ids
+        assert [i for i in ids if i.startswith(name + " ") and i.endswith(" rtn")] == \
+               [f"{name} per-channel n/a rtn", f"{name} per-tensor n/a rtn"]
+    assert "FP32 n/a n/a fp32" in ids and "W8A8 per-tensor real cle+bc" in ids
     assert "W4A8 per-channel real adaround" in ids
 
 
@@ -149,7 +150,9 @@ def test_matrix_is_resumable(ckpt, tmp_path, monkeypatch):
     assert main(["--checkpoint", str(ckpt), "--matrix", "--out", str(out)] + FAST) == 0
     monkeypatch.setattr(matrix_mod, "matrix_rows", lambda *a: rows)
     assert main(["--checkpoint", str(ckpt), "--matrix", "--out", str(out)] + FAST) == 0
-    assert calls == ["FP32 n/a n/a -", "W8A32 per-channel n/a -", "W8A8 per-channel random -"]  # no row twice
-    got = read_rows(out / "matrix.csv")
-    assert [r["row"] for r in got] == calls and float(got[0]["snr_db"]) > 100  # FP32: folded vs unfolded only
+    assert calls == ["FP32 n/a n/a fp32", "W8A32 per-channel n/a rtn", "W8A8 per-channel random rtn"]  # none twice
+    got = read_matrix(out / "matrix.csv")    # the one schema, which bench's matrix and report read
+    assert [" ".join(r[c] for c in ("config", "granularity", "calib", "method")) for r in got] == calls
+    assert got[0]["snr_db"] > 100 and all(r["export_status"] == "skipped" for r in got)  # FP32: folding only
+    assert open(out / "matrix.csv").readline().strip().split(",") == MATRIX_COLUMNS
     assert (out / "matrix_snr.png").stat().st_size > 0 and (out / "fp32_logits.pt").exists()

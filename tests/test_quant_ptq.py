@@ -133,7 +133,6 @@ def test_one_graph_walk_orders_every_evaluator(model, images):
 def _blockwise_rel_err(before, after, images) -> float:
     """Largest relative error of each equalized unit (stem + first block, then every block) fed the original
     model's input to it: the exactness of CLE without the error amplification of a deep random network."""
-    import copy
     inputs = {}
     hooks = [blk.register_forward_hook(lambda m, i, o, k=k: inputs.__setitem__(k, i[0]))
              for k, blk in enumerate(before.features)]

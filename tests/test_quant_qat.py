@@ -14,7 +14,7 @@ from mobilenet.data import BatchLoader
 from quantize import prepare, recipe, to_ptq
 from quantize.core import fake_quantize
 from quantize.fakequant import fused_fake_quantize
-from quantize.qat import QATConfig, observers_paused, qat_mask_names, run_qat
+from quantize.qat import QATConfig, qat_mask_names, run_qat
 from quantize.qmodel import calibrate, freeze, freeze_bn, qlayers, quant_points
 
 from conftest import tiny_config

@@ -1,4 +1,4 @@
-"""The experiment-matrix report (bench.results, bench.findings, bench.plots, bench.study_report).
+"""The experiment-matrix report (common.matrix, bench.findings, common.plots, prune.plots, bench.study_report).
 
 All numbers below are SYNTHETIC, chosen by hand to be easy to recognise on the page; they say nothing about
 MobileNetV2. The tests check the plumbing: every row reaches both tables formatted as intended, every
@@ -12,13 +12,17 @@ import hashlib
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bench import study_report
+from bench.__main__ import main as bench_main
 from bench.findings import compare_with_study, compute_findings
-from bench.results import (MATRIX_COLUMNS, collect_meta, done_keys, read_matrix, write_matrix_row, write_meta)
+from common.matrix import MATRIX_COLUMNS, done_keys, read_matrix, write_matrix_row
+from common.provenance import collect_meta, write_meta
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -190,10 +194,14 @@ def test_missing_inputs_say_not_measured(tmp_path):
 def test_main_writes_and_reports_errors(tmp_path, capsys):
     d = make_results(tmp_path / "r", prune=False)
     out = tmp_path / "out"
-    assert study_report.main([str(d), "--out-dir", str(out)]) == 0
+    assert bench_main(["report", str(d), "--out-dir", str(out)]) == 0
     assert (out / "report.html").is_file() and (out / "report.md").is_file() and (out / "plots/snr.png").is_file()
-    assert study_report.main([str(tmp_path / "nowhere")]) == 2
+    assert bench_main(["report", str(tmp_path / "nowhere")]) == 2
     assert "results directory not found" in capsys.readouterr().err
+    # the earlier spelling `python -m bench.study_report DIR` still runs the same command
+    r = subprocess.run([sys.executable, "-m", "bench.study_report", str(tmp_path / "nowhere")], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2 and "results directory not found" in r.stderr
 
 
 def test_write_matrix_row_replaces_and_resumes(tmp_path):

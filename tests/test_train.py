@@ -19,6 +19,7 @@ from torchvision.models import mobilenet_v2
 
 import train
 from conftest import CIFAR_TGZ, REFERENCE_CKPT, ROOT, make_image_tree, tiny_config
+from common.files import tensor_digest
 from mobilenet import atomic_save, build_model, load_checkpoint, load_model
 from mobilenet.data import BatchLoader, Dataset
 from mobilenet.engine import train_one_epoch
@@ -84,7 +85,7 @@ def test_main_trains_and_writes_checkpoint(cifar, cache_dir, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["history"] == json.loads(json.dumps(hist)) and metrics["final"]["test_images"] == 250
     model, _ = load_model(out / "checkpoint.pt")
-    assert metrics["final"]["param_sha256"] == train.param_digest(model)
+    assert metrics["final"]["param_sha256"] == tensor_digest(model)
     assert "final test accuracy" in capsys.readouterr().out
 
 
@@ -246,7 +247,7 @@ def test_ddp_two_cpu_processes_keep_identical_weights(cifar, cache_dir, tmp_path
     digests = final["rank_param_sha256"]  # each rank hashed its own weights and buffers after the last step
     assert len(digests) == 2 and digests[0] == digests[1]
     model, ckpt = load_model(out / "checkpoint.pt")
-    assert train.param_digest(model) == digests[0]
+    assert tensor_digest(model) == digests[0]
     # 2 ranks x 3 steps x 32 images per epoch; the history is written once, by rank 0
     assert [r["train_images"] for r in ckpt["metrics"]] == [192, 192]
     assert res.stdout.count("final test accuracy") == 1

@@ -19,7 +19,8 @@ import quantize.__main__ as quantize_cli
 import train
 from conftest import REFERENCE_CKPT, tiny_config
 from mobilenet import InvertedResidual, build_model
-from mobilenet.checkpoint import FORMAT, CheckpointError, atomic_save, atomic_write_text, load_checkpoint, load_model
+from mobilenet.checkpoint import FORMAT, CheckpointError, atomic_save, load_checkpoint, load_model
+from common.files import atomic_write_text
 
 MISSING = "/nonexistent/mnv2-data"      # a data path that fails the step after the checkpoint is loaded
 

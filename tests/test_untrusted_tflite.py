@@ -98,7 +98,7 @@ def test_export_compare_to_refuses_a_malformed_file(bad, tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", ["truncated"], indirect=True)
 def test_matrix_retime_and_chain_refuse_their_own_files_once_damaged(bad, tmp_path, capsys):
-    from bench.results import write_matrix_row
+    from common.matrix import write_matrix_row
     path, need = bad
     mdir = tmp_path / "matrix"
     mdir.mkdir()

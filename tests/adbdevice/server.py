@@ -37,7 +37,6 @@ import os
 import queue
 import re
 import socket
-import stat
 import struct
 import subprocess
 import sys

@@ -3,7 +3,6 @@ written beside results as JSON (the matrix's meta.json, a pruning run's prune_me
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -12,8 +11,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
-from .precision import cpu_isa, cpu_name
+from .files import atomic_write_text, sha256_file
+from .machine import cpu_isa, cpu_name
 
 __all__ = ["collect_meta", "write_meta", "read_meta", "command_line"]
 
@@ -49,16 +48,6 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def collect_meta(command: str, checkpoint, eval_subset: str = "", seed: int | None = None) -> dict:
     """Everything a figure must name: command, checkpoint (+ sha256), commit, machine, versions, date."""
     commit = _git("rev-parse", "HEAD")
@@ -66,7 +55,7 @@ def collect_meta(command: str, checkpoint, eval_subset: str = "", seed: int | No
     return {
         "command": command,
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": _sha256(Path(checkpoint)),
+        "checkpoint_sha256": sha256_file(checkpoint),
         "commit": commit,
         "commit_dirty": bool(dirty) if dirty is not None else None,   # tracked files changed since the commit
         "machine": {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),

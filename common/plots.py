@@ -1,23 +1,22 @@
-"""PNG plots of the experiment matrix and of the pruning sweep, each with a footer naming what produced it.
+"""PNG plots of the experiment matrix, and the one way every plot of the project is drawn and saved.
 
-Every `plot_*` function takes typed rows (bench.results.read_matrix, bench.results.load_prune), a path and
-a footer line, writes the PNG atomically and returns the path, or returns None without writing anything
-when its data is absent (the report then says "not measured").
+Every `plot_*` function takes typed rows (common.matrix.read_matrix; prune/plots.py draws the pruning sweep
+with the same helpers), a path and a footer line naming what produced it (`footer_text`), writes the PNG
+atomically and returns the path, or returns None without writing anything when its data is absent (a report
+then says "not measured").
 """
 from __future__ import annotations
 
 import io
-import math
 import textwrap
 from pathlib import Path
 
-from mobilenet.checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
+from .matrix import row_label
+from common.units import finite, sig3
 
-from bench.results import row_label
-from bench.units import sig3
-
-__all__ = ["footer_text", "plot_snr", "plot_size", "plot_latency", "plot_granularity", "plot_calibration",
-           "plot_prune_sweep", "plot_prune_layers", "plot_accuracy_sparsity", "STUDY_W8_BAND_DB", "GOAL_SNR_DB"]
+__all__ = ["footer_text", "pyplot", "save_figure", "plot_snr", "plot_size", "plot_latency", "plot_granularity",
+           "plot_calibration", "STUDY_W8_BAND_DB", "GOAL_SNR_DB"]
 
 STUDY_W8_BAND_DB = (22.0, 24.0)   # dB, the earlier study's W8 SNR against FP32
 GOAL_SNR_DB = 30.0                # dB, this project's target for W8A8
@@ -26,15 +25,12 @@ FOOTER_PT = 7                     # footer font size, points
 DPI = 110
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def footer_text(meta: dict | None, source: str = "") -> str:
@@ -53,9 +49,9 @@ def footer_text(meta: dict | None, source: str = "") -> str:
     return " · ".join(p for p in parts if p)
 
 
-def _save(fig, path, footer: str) -> Path:
+def save_figure(fig, path, footer: str) -> Path:
     """Footer under the axes (wrapped to the figure width), then PNG bytes written atomically."""
-    plt = _plt()
+    plt = pyplot()
     w, h = fig.get_size_inches()
     lines = textwrap.wrap(footer, width=int(w * 72 / (FOOTER_PT * 0.62)))   # DejaVu Sans: <= ~0.62 em per char
     band = (len(lines) * FOOTER_PT * 1.35 + 8) / 72 / h                    # figure fraction for the footer
@@ -78,10 +74,10 @@ def _xticks(ax, rows):
 def plot_snr(rows: list[dict], path, footer: str) -> Path | None:
     """SNR per configuration, grouped and coloured by granularity, with the study's W8 band and the goal."""
     order = {"per-channel": 0, "per-tensor": 1}
-    rows = sorted((r for r in rows if _finite(r.get("snr_db"))), key=lambda r: order.get(r.get("granularity"), 2))
+    rows = sorted((r for r in rows if finite(r.get("snr_db"))), key=lambda r: order.get(r.get("granularity"), 2))
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(_width(len(rows)), 4.6))
     colors = [GRAN_COLORS.get(r.get("granularity"), "#888888") for r in rows]
     bars = ax.bar(range(len(rows)), [r["snr_db"] for r in rows], color=colors)
@@ -98,22 +94,22 @@ def plot_snr(rows: list[dict], path, footer: str) -> Path | None:
     ax.set_title("Output SNR per configuration (higher is closer to FP32)", pad=26)
     ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path, footer)
+    return save_figure(fig, path, footer)
 
 
 def plot_size(rows: list[dict], path, footer: str) -> Path | None:
     """Weight bytes, .tflite bytes and gzipped .tflite bytes per configuration (MB; log scale if wide)."""
     cols = [("weight_bytes", "weights", "#7a8fa6"), ("file_bytes", ".tflite file", "#3b6fb6"),
             ("gzip_bytes", ".tflite gzip -9", "#2a9d55")]
-    rows = [r for r in rows if any(_finite(r.get(c)) for c, _, _ in cols)]
+    rows = [r for r in rows if any(finite(r.get(c)) for c, _, _ in cols)]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(_width(len(rows)), 4.4))
-    vals = [r.get(c) for r in rows for c, _, _ in cols if _finite(r.get(c)) and r.get(c) > 0]
+    vals = [r.get(c) for r in rows for c, _, _ in cols if finite(r.get(c)) and r.get(c) > 0]
     for i, (c, name, color) in enumerate(cols):
-        xs = [k + (i - 1) * 0.27 for k, r in enumerate(rows) if _finite(r.get(c))]
-        ys = [r[c] / 1e6 for r in rows if _finite(r.get(c))]
+        xs = [k + (i - 1) * 0.27 for k, r in enumerate(rows) if finite(r.get(c))]
+        ys = [r[c] / 1e6 for r in rows if finite(r.get(c))]
         if xs:
             bars = ax.bar(xs, ys, width=0.27, color=color, label=name)
             ax.bar_label(bars, labels=[f"{y:.2f}" if y >= 0.1 else sig3(y) for y in ys], fontsize=6, padding=1)
@@ -124,23 +120,23 @@ def plot_size(rows: list[dict], path, footer: str) -> Path | None:
     ax.set_title("Model size per configuration")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path, footer)
+    return save_figure(fig, path, footer)
 
 
 def plot_latency(rows: list[dict], path, footer: str) -> Path | None:
     """Host median latency with p5–p95 bars; the phone's latency beside it where measured."""
-    rows = [r for r in rows if _finite(r.get("host_ms_median")) or _finite(r.get("device_ms"))]
+    rows = [r for r in rows if finite(r.get("host_ms_median")) or finite(r.get("device_ms"))]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(_width(len(rows)), 4.4))
-    host = [(k, r) for k, r in enumerate(rows) if _finite(r.get("host_ms_median"))]
-    dev = [(k, r) for k, r in enumerate(rows) if _finite(r.get("device_ms"))]
+    host = [(k, r) for k, r in enumerate(rows) if finite(r.get("host_ms_median"))]
+    dev = [(k, r) for k, r in enumerate(rows) if finite(r.get("device_ms"))]
     off = 0.2 if dev else 0.0
     if host:
         med = [r["host_ms_median"] for _, r in host]
-        lo = [r["host_ms_median"] - r["host_ms_p5"] if _finite(r.get("host_ms_p5")) else 0.0 for _, r in host]
-        hi = [r["host_ms_p95"] - r["host_ms_median"] if _finite(r.get("host_ms_p95")) else 0.0 for _, r in host]
+        lo = [r["host_ms_median"] - r["host_ms_p5"] if finite(r.get("host_ms_p5")) else 0.0 for _, r in host]
+        hi = [r["host_ms_p95"] - r["host_ms_median"] if finite(r.get("host_ms_p95")) else 0.0 for _, r in host]
         err = [[max(0.0, v) for v in lo], [max(0.0, v) for v in hi]]   # ms below / above the median
         threads = sorted({r.get("host_threads") for _, r in host if r.get("host_threads") is not None})
         bars = ax.bar([k - off for k, _ in host], med, width=0.4 if dev else 0.6, yerr=err, capsize=3,
@@ -156,7 +152,7 @@ def plot_latency(rows: list[dict], path, footer: str) -> Path | None:
     ax.set_title("Inference latency per configuration (lower is faster)")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path, footer)
+    return save_figure(fig, path, footer)
 
 
 def _pairs(rows, column, a, b, same):
@@ -167,17 +163,17 @@ def _pairs(rows, column, a, b, same):
 
 def _paired(rows, column, a, b, same, path, footer, title) -> Path | None:
     """Two panels (SNR, top-1): for each config measured both ways, the `a` bar beside the `b` bar."""
-    both = lambda x, y, m: _finite(x.get(m)) and _finite(y.get(m))   # noqa: E731
+    both = lambda x, y, m: finite(x.get(m)) and finite(y.get(m))   # noqa: E731
     pairs = [(x, y) for x, y in _pairs(rows, column, a, b, same) if both(x, y, "snr_db") or both(x, y, "top1")]
     if not pairs:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(min(18.0, 1.6 * len(pairs) + 5.0), 4.4))
     labels = [" ".join(str(x.get(c)) for c in same if x.get(c) not in (None, "n/a", "fp32")) for x, _ in pairs]
     for ax, metric, scale, unit in ((axes[0], "snr_db", 1, "SNR against FP32 (dB)"),
                                     (axes[1], "top1", 100, "top-1 accuracy (%)")):
         for i, (name, color) in enumerate(((a, "#3b6fb6"), (b, "#e08a2c"))):
-            pts = [(k, p[i][metric] * scale) for k, p in enumerate(pairs) if _finite(p[i].get(metric))]
+            pts = [(k, p[i][metric] * scale) for k, p in enumerate(pairs) if finite(p[i].get(metric))]
             if pts:
                 bars = ax.bar([k + (i - 0.5) * 0.36 for k, _ in pts], [v for _, v in pts], width=0.36,
                               color=color, label=name)
@@ -188,7 +184,7 @@ def _paired(rows, column, a, b, same, path, footer, title) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path, footer)
+    return save_figure(fig, path, footer)
 
 
 def plot_granularity(rows: list[dict], path, footer: str) -> Path | None:
@@ -199,84 +195,3 @@ def plot_granularity(rows: list[dict], path, footer: str) -> Path | None:
 def plot_calibration(rows: list[dict], path, footer: str) -> Path | None:
     return _paired(rows, "calib", "real", "random", ("config", "granularity", "method"), path, footer,
                    "Real against random calibration images (same config, granularity, method)")
-
-
-def plot_prune_sweep(global_rows: list[dict], path, footer: str) -> Path | None:
-    """Top-1 against the global pruning ratio, no fine-tuning (prune/sweep.py's sweep_global.csv)."""
-    rows = sorted((r for r in global_rows if _finite(r.get("ratio")) and _finite(r.get("acc"))),
-                  key=lambda r: r["ratio"])
-    if not rows:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.plot([r["ratio"] for r in rows], [100 * r["acc"] for r in rows], "o-", color="#3b6fb6")
-    for r in rows:
-        ax.annotate(f"{100 * r['acc']:.2f}", (r["ratio"], 100 * r["acc"]), textcoords="offset points",
-                    xytext=(0, 6), ha="center", fontsize=7)
-    ax.margins(y=0.12)      # room for the labels above the highest point
-    images = {r.get("images") for r in rows} - {None}
-    ax.set_xlabel("global L1 pruning ratio (fraction of weights set to zero)")
-    ax.set_ylabel(f"top-1 (%) on {'/'.join(map(str, sorted(images))) or '?'} test images")
-    ax.set_title("Pruning sensitivity: global ratio, no fine-tuning")
-    ax.grid(alpha=0.3)
-    return _save(fig, path, footer)
-
-
-def plot_prune_layers(layer_rows: list[dict], path, footer: str) -> Path | None:
-    """Heat map of the accuracy drop (points) with one layer pruned alone: layers down, ratios across."""
-    rows = [r for r in layer_rows if r.get("layer") not in (None, "(none)") and _finite(r.get("ratio"))
-            and _finite(r.get("drop_points"))]
-    if not rows:
-        return None
-    plt = _plt()
-    layers = list(dict.fromkeys(r["layer"] for r in rows))
-    ratios = sorted({r["ratio"] for r in rows})
-    grid = [[math.nan] * len(ratios) for _ in layers]
-    for r in rows:
-        grid[layers.index(r["layer"])][ratios.index(r["ratio"])] = r["drop_points"]
-    fig, ax = plt.subplots(figsize=(0.9 * len(ratios) + 4.5, 0.2 * len(layers) + 2.0))
-    top = max(1.0, max(r["drop_points"] for r in rows))
-    im = ax.imshow(grid, aspect="auto", cmap="magma_r", vmin=0, vmax=top)
-    for i, line in enumerate(grid):
-        for j, v in enumerate(line):
-            if math.isfinite(v):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=5.5,
-                        color="white" if v > 0.6 * top else "black")
-    ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios], fontsize=7)
-    kinds = {r["layer"]: r.get("kind") for r in rows}
-    ax.set_yticks(range(len(layers)), [f"{n} ({kinds[n]})" if kinds.get(n) not in (None, "-") else n
-                                       for n in layers], fontsize=6)
-    ax.set_xlabel("fraction of the layer's weights pruned (others dense)")
-    ax.set_title("Per-layer sensitivity: top-1 drop in points", fontsize=9)
-    fig.colorbar(im, ax=ax, label="top-1 drop (points)", fraction=0.05)
-    return _save(fig, path, footer)
-
-
-def plot_accuracy_sparsity(global_rows: list[dict], report: dict | None, path, footer: str) -> Path | None:
-    """Top-1 against reached sparsity: the sweep (no fine-tuning) and the pruning run before/after fine-tuning."""
-    sweep = sorted((r for r in global_rows if _finite(r.get("reached_sparsity")) and _finite(r.get("acc"))),
-                   key=lambda r: r["reached_sparsity"])
-    rep = report or {}
-    sp = rep.get("global_sparsity")
-    points = [(name, rep.get(k)) for k, name in (("acc_pruned", "pruned, before fine-tuning"),
-                                                 ("acc_finetuned", "pruned and fine-tuned")) if _finite(rep.get(k))]
-    if not sweep and not (_finite(sp) and points):
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    if sweep:
-        n = {r.get("images") for r in sweep} - {None}
-        ax.plot([100 * r["reached_sparsity"] for r in sweep], [100 * r["acc"] for r in sweep], "o-",
-                color="#3b6fb6", label=f"sweep, no fine-tuning ({'/'.join(map(str, sorted(n))) or '?'} images)")
-    if _finite(rep.get("acc_baseline")):
-        ax.axhline(100 * rep["acc_baseline"], color="#888888", ls=":", label="baseline (dense)")
-    if _finite(sp):
-        for (name, acc), marker in zip(points, ("s", "*")):
-            ax.plot([100 * sp], [100 * acc], marker, ms=10 if marker == "*" else 7,
-                    label=f"{name}: {100 * acc:.2f} % ({rep.get('eval_images', '?')} images)")
-    ax.set_xlabel("global sparsity reached (% of pruned-layer weights that are zero)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("Accuracy against sparsity")
-    ax.legend(fontsize=7, loc="lower left")
-    ax.grid(alpha=0.3)
-    return _save(fig, path, footer)
