@@ -71,6 +71,16 @@ def _xticks(ax, rows):
     ax.set_xticks(range(len(rows)), [row_label(r, "\n") for r in rows], fontsize=7)
 
 
+def _bar_chart_done(fig, ax, rows, ylabel: str, title: str, path, footer: str) -> Path:
+    """One bar group per configuration: labels, legend and grid, then the figure saved."""
+    _xticks(ax, rows)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path, footer)
+
+
 def plot_snr(rows: list[dict], path, footer: str) -> Path | None:
     """SNR per configuration, grouped and coloured by granularity, with the study's W8 band and the goal."""
     order = {"per-channel": 0, "per-tensor": 1}
@@ -115,12 +125,7 @@ def plot_size(rows: list[dict], path, footer: str) -> Path | None:
             ax.bar_label(bars, labels=[f"{y:.2f}" if y >= 0.1 else sig3(y) for y in ys], fontsize=6, padding=1)
     if vals and max(vals) / min(vals) > 30:
         ax.set_yscale("log")
-    _xticks(ax, rows)
-    ax.set_ylabel("size (MB, 1 MB = 10⁶ bytes)")
-    ax.set_title("Model size per configuration")
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, path, footer)
+    return _bar_chart_done(fig, ax, rows, "size (MB, 1 MB = 10⁶ bytes)", "Model size per configuration", path, footer)
 
 
 def plot_latency(rows: list[dict], path, footer: str) -> Path | None:
@@ -147,12 +152,8 @@ def plot_latency(rows: list[dict], path, footer: str) -> Path | None:
         bars = ax.bar([k + off for k, _ in dev], [r["device_ms"] for _, r in dev], width=0.4, color="#e08a2c",
                       label=f"device: {', '.join(names)}")
         ax.bar_label(bars, labels=[sig3(r["device_ms"]) for _, r in dev], fontsize=6, padding=2)
-    _xticks(ax, rows)
-    ax.set_ylabel("latency per image (ms)")
-    ax.set_title("Inference latency per configuration (lower is faster)")
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, path, footer)
+    return _bar_chart_done(fig, ax, rows, "latency per image (ms)",
+                           "Inference latency per configuration (lower is faster)", path, footer)
 
 
 def _pairs(rows, column, a, b, same):
