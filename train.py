@@ -32,7 +32,7 @@ from mobilenet import CheckpointError, ModelConfig, atomic_save, build_model, lo
 from mobilenet.checkpoint import FORMAT
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, SOURCES, BatchLoader, DataConfig, load_dataset
 from mobilenet.engine import DivergenceGuard, evaluate, train_one_epoch
-from mobilenet.model import LAYOUTS
+from mobilenet.model import LAYOUTS, check_resolution
 from mobilenet.precision import resolve_precision
 from mobilenet.runs import record, runs_dir
 from mobilenet.training import (MIN_WARMUP_STEPS, fit_budget, init_state, make_scheduler, peak_scale, rank0_first,
@@ -59,6 +59,8 @@ PROG = "train.py"
 class TrainConfig:
     # model
     layout: str = _f("cifar", "cifar (32x32 input, stem and stage-2 stride 1) or imagenet (224x224)")
+    resolution: int | None = _f(None, "input height = width: a multiple of 8 from 32 (cifar) or 64 (imagenet) up, "
+                                      "e.g. 96, 128, 160, 192; default: the layout's, 32 or 224")
     width: float = _f(1.0, "width multiplier of every layer")
     classes: int = _f(0, "output classes; 0 = the number of classes in the data")
     dropout: float = _f(0.2, "dropout before the classifier")
@@ -128,6 +130,7 @@ class TrainConfig:
         lo = 0 if self.schedule == "cosine" else 1e-9  # OneCycleLR needs a rising phase
         if not lo <= self.warmup < 1:
             bad("warmup", self.warmup, f"in {'[0' if lo == 0 else '(0'}, 1) for --schedule {self.schedule}")
+        check_resolution(self.layout, self.resolution)
         if self.prune not in ("", "auto"):
             try:
                 ratio = float(self.prune)
@@ -137,8 +140,8 @@ class TrainConfig:
                 bad("prune", self.prune, "a ratio in (0, 1) or auto")
 
     def data_config(self) -> DataConfig:
-        return DataConfig(source=self.data_source, root=self.data, layout=self.layout, cache_dir=self.cache_dir,
-                          download=self.download, calib_size=self.calib_size)
+        return DataConfig(source=self.data_source, root=self.data, layout=self.layout, resolution=self.resolution,
+                          cache_dir=self.cache_dir, download=self.download, calib_size=self.calib_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +175,7 @@ class _Run:
         """The model: fresh, from --init, or from the checkpoint being resumed."""
         cfg = self.cfg
         seed_everything(cfg.seed)
-        mcfg = ModelConfig(cfg.layout, cfg.width, self.n_classes, cfg.dropout)
+        mcfg = ModelConfig(cfg.layout, cfg.width, self.n_classes, cfg.dropout, resolution=cfg.resolution)
         sd, notes = None, []
         if resume_ckpt is not None:
             mcfg, sd = ModelConfig(**resume_ckpt["model_config"]), resume_ckpt["model"]

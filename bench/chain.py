@@ -36,6 +36,9 @@ class ChainConfig:
     device: str = field(default="auto", metadata={"help": DEVICE_HELP + ", for every torch stage (training, "
                                                            "sweep, fine-tuning, calibration, QAT)"})
     width: float = field(default=1.0, metadata={"help": "width multiplier of the trained baseline"})
+    resolution: int | None = field(default=None, metadata={
+        "help": "input height = width of the baseline (or the --init model), a multiple of 8; default: the "
+                "layout's (32)"})
     # Budgets in wall-clock minutes, not image counts: each training stage measures its step time first and
     # fits its steps to the budget, so a slower CPU trains on fewer images instead of running longer.
     train_minutes: float = field(default=3.0, metadata={"help": "minutes for the baseline's training epochs"})
@@ -106,6 +109,7 @@ def run_chain(cfg: ChainConfig) -> Path:
                 "--device", cfg.device, "--epochs", str(cfg.train_epochs),
                 "--budget-minutes", str(cfg.train_minutes), "--max-train-images", "0",
                 "--eval-images", str(cfg.eval_images), "--eval-every", str(cfg.train_epochs)]
+        args += ["--resolution", str(cfg.resolution)] if cfg.resolution else []
         resume = ["--resume"] if baseline.exists() else []
         _step("train baseline", out / "baseline" / "done", lambda: _train(train, args + resume, out), log)
 
@@ -118,7 +122,8 @@ def run_chain(cfg: ChainConfig) -> Path:
         "--images-per-epoch", "0", "--sweep-images", str(cfg.sweep_images),
         "--sweep-minutes", str(cfg.sweep_minutes), "--sweep-global-images", str(cfg.sweep_global_images),
         "--eval-images", str(cfg.eval_images)]
-        + ([] if cfg.sweep_per_layer else ["--no-sweep-per-layer"])), log)
+        + ([] if cfg.sweep_per_layer else ["--no-sweep-per-layer"])
+        + (["--resolution", str(cfg.resolution)] if cfg.resolution else [])), log)
 
     # 5. quantize
     qdir = out / "quantize"

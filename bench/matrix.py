@@ -20,13 +20,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.cli import EVAL_IMAGES_HELP
+from common.cli import EVAL_IMAGES_HELP, RESOLUTION_HELP
 from common.files import remove_stale_temporaries
 from common.matrix import done_keys, row_key, write_matrix_row
 from common.provenance import collect_meta, read_meta, write_meta
 from mobilenet.checkpoint import CheckpointError, load_model
 from mobilenet.data import DEFAULT_DATA, DataConfig, load_dataset
 from mobilenet.engine import predict
+from mobilenet.model import with_resolution
 from quantize.config import QuantConfig
 from quantize.matrix import fp32_logits, matrix_rows, method_of, sim_columns, study_key
 
@@ -44,6 +45,7 @@ class MatrixConfig:
     out: str = field(default="", metadata={"help": "results directory (matrix default: runs/matrix)"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
     eval_images: int = field(default=2000, metadata={"help": EVAL_IMAGES_HELP})
+    resolution: int | None = field(default=None, metadata={"help": RESOLUTION_HELP})
     calib_size: int = field(default=1000, metadata={"help": "calibration images (real: from the train split)"})
     adaround_iters: int = field(default=300, metadata={"help": "AdaRound optimizer steps per layer"})
     val_images: int = field(default=1000, metadata={"help": "test images run through each file and the simulation"})
@@ -197,6 +199,7 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
             raise ValueError(f"--only names unknown configs {sorted(unknown)}")
         rows = [r for r in rows if r[0].name in names]
     model, _ = load_model(cfg.checkpoint)      # a bad checkpoint fails before anything is written
+    with_resolution(model, cfg.resolution)
     out = Path(cfg.out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "tflite").mkdir(parents=True, exist_ok=True)
@@ -205,7 +208,7 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
             print(f"removed a stale temporary file: {f}", file=sys.stderr)
     csv_path = out / "matrix.csv"
     dataset = load_dataset(DataConfig(source="folder", root=cfg.data, layout=model.cfg.layout,
-                                      calib_size=cfg.calib_size))
+                                      resolution=model.cfg.input_size, calib_size=cfg.calib_size))
     dataset.check_classes(model.cfg.num_classes, cfg.checkpoint)
     eval_split = dataset.test.stratified(cfg.eval_images)
     meta = collect_meta(command or "python -m bench matrix", cfg.checkpoint,

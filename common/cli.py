@@ -9,6 +9,8 @@ and exit code 2. The shared vocabulary:
     --device NAME                     the torch device (auto | cpu | cuda | cuda:N); `bench phone` times on a phone
     --eval-images N                   test images for every reported accuracy, class-stratified; 0 = all
     --val-images N                    test images the exported file and its simulation are compared on
+    --resolution N                    input height = width (train.py: of the new model; the others: run the
+                                      checkpoint's model at N instead of its own)
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import sys
 import typing
 
 __all__ = ["USER_ERROR", "DATA_HELP", "DATA_SOURCE_HELP", "DEVICE_HELP", "EVAL_IMAGES_HELP", "VAL_IMAGES_HELP",
-           "CheckFailed", "opt", "Parser", "add_config", "config_from", "user_error", "run_command", "torch_device",
-           "int_list", "on_off_list"]
+           "RESOLUTION_HELP", "CheckFailed", "opt", "Parser", "add_config", "config_from", "user_error",
+           "run_command", "torch_device", "int_list", "on_off_list"]
 
 USER_ERROR = 2   # argparse's own code for a malformed flag; every user error exits with it
 DATA_HELP = "images: an ImageFolder tree (class folders) or a .tar.gz of one, e.g. the CIFAR-10 JPEG archive"
@@ -28,6 +30,8 @@ DEVICE_HELP = "torch device: auto (cuda when available) | cpu | cuda | cuda:N"
 EVAL_IMAGES_HELP = ("test images behind every reported accuracy: evenly spaced over the class-sorted test set, so "
                     "class-stratified (2000 of CIFAR-10's 10,000 = every 5th); 0 = all")
 VAL_IMAGES_HELP = "test images run through the exported file and compared with the simulation"
+RESOLUTION_HELP = ("input height = width to run the model at, a multiple of 8 (e.g. 96, 128, 160, 192, 224); "
+                   "default: the checkpoint's")
 
 
 def opt(default, help: str, *, flags: tuple[str, ...] = (), positional: bool = False, metavar: str | None = None):

@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from common.cli import DATA_HELP, DATA_SOURCE_HELP, VAL_IMAGES_HELP, CheckFailed, opt
-from mobilenet.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_model
+from common.cli import DATA_HELP, DATA_SOURCE_HELP, RESOLUTION_HELP, VAL_IMAGES_HELP, CheckFailed, opt
 from common.files import atomic_file, atomic_write_text, sha256_file
-from mobilenet.data import BatchLoader, DataConfig, DEFAULT_DATA, load_dataset
+from mobilenet.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_model
+from mobilenet.data import DEFAULT_DATA, BatchLoader, DataConfig, load_dataset
+from mobilenet.model import check_resolution
 from quantize.config import RECIPES
 from quantize.io import load_quantized
 from quantize.qmodel import prepare
@@ -50,6 +51,7 @@ class ExportConfig:
     w4_storage: str | None = opt(None, "'int8': export 4-bit weights as int8 values in [-7, 7] (runs exactly, no "
                                        "size gain)")
     val_images: int = opt(1000, VAL_IMAGES_HELP + " (class-stratified, as --eval-images)")
+    resolution: int | None = opt(None, RESOLUTION_HELP + "; the file's input is (1, 3, N, N)")
     calib_images: int = opt(256, "W8A16: calibration images for the static int16 ranges")
     data: str = opt(DEFAULT_DATA, DATA_HELP)
     data_source: str = opt("folder", DATA_SOURCE_HELP)
@@ -82,8 +84,9 @@ def load_for_export(path: str) -> tuple[torch.nn.Module, dict]:
     return prepare(model, RECIPES["FP32"]), ckpt
 
 
-def _images(cfg: ExportConfig, layout: str, n: int, split: str):
-    ds = load_dataset(DataConfig(source=cfg.data_source, root=cfg.data, layout=layout, random_size=max(n, 1)))
+def _images(cfg: ExportConfig, layout: str, resolution: int, n: int, split: str):
+    ds = load_dataset(DataConfig(source=cfg.data_source, root=cfg.data, layout=layout, resolution=resolution,
+                                 random_size=max(n, 1)))
     s = getattr(ds, split)
     s = s.stratified(n) if split == "test" else s.subset(torch.arange(min(n, len(s))))
     x, y = next(iter(BatchLoader(s, len(s), layout)))
@@ -139,6 +142,8 @@ def run_export(cfg: ExportConfig) -> dict:
     digest = sha256_file(ckpt_path)
 
     qm, ckpt = load_for_export(str(ckpt_path))                                        # 1
+    if cfg.resolution is not None:
+        qm.model_cfg = replace(qm.model_cfg, resolution=check_resolution(qm.model_cfg.layout, cfg.resolution))
     qcfg = qm.qcfg
     if cfg.config is not None and cfg.config.upper() != qcfg.name.upper():
         if qcfg.is_float:
@@ -148,11 +153,11 @@ def run_export(cfg: ExportConfig) -> dict:
         raise ExportError(f"{ckpt_path} holds a {qcfg.name} model, not {cfg.config}")
     out = Path(cfg.out or ckpt_path.with_name(f"model_{qcfg.name.lower()}.tflite"))
     kind = export_kind(qcfg, cfg.w4_storage)                                          # 2
-    layout = qm.model_cfg.layout
-    x, y = _images(cfg, layout, cfg.val_images, "test")
+    layout, res = qm.model_cfg.layout, qm.model_cfg.input_size
+    x, y = _images(cfg, layout, res, cfg.val_images, "test")
     dynamic_qm = None
     if kind == "int16":                                                               # 3
-        cx, _ = _images(cfg, layout, cfg.calib_images, "calib")
+        cx, _ = _images(cfg, layout, res, cfg.calib_images, "calib")
         dynamic_qm = qm if qcfg.act_mode == "dynamic" else None
         qm = static_int16(qm, [cx[i:i + 128] for i in range(0, len(cx), 128)])
 

@@ -157,7 +157,7 @@ KINDS = ("fp32", "pruned", "quantized")
 # what every checkpoint of our format holds; a kind's own keys (quant_config, optimizer, ...) its loader checks
 _REQUIRED = {"kind": str, "model_config": dict, "model": dict}
 _CONFIG_TYPES = {"layout": (str,), "width_mult": (int, float), "num_classes": (int,), "dropout": (int, float),
-                 "hidden_channels": (list, tuple, type(None))}
+                 "hidden_channels": (list, tuple, type(None)), "resolution": (int, type(None))}
 
 
 def _short(v) -> str:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import atomic_save
+from .model import INPUT_SIZE, check_resolution
 
 __all__ = ["DataConfig", "Split", "Dataset", "load_dataset", "BatchLoader", "normalize", "augment_batch",
            "DataError", "SOURCES", "CIFAR10_CLASSES", "DEFAULT_DATA", "DEFAULT_CACHE"]
@@ -49,7 +50,8 @@ class DataError(ValueError):
 class DataConfig:
     source: str = "folder"           # folder | cifar-batches | random
     root: str = DEFAULT_DATA         # directory or .tar.gz (folder), directory holding cifar-10-batches-py
-    layout: str = "cifar"            # cifar: 32x32 as stored; imagenet: resize 256 + center crop 224
+    layout: str = "cifar"            # mean/std and the default resolution (cifar 32, imagenet 224)
+    resolution: int | None = None    # images are res x res: None = the layout's default (see fit_image)
     cache_dir: str = DEFAULT_CACHE   # where archives are unpacked and decoded tensors kept
     download: bool = False           # cifar-batches only: fetch with torchvision if missing (needs a network)
     calib_size: int = 1000           # images in the fixed calibration split, drawn from the training set
@@ -103,6 +105,7 @@ class Dataset:
     def describe(self) -> dict:
         """What every step's report records about its data."""
         return {"source": self.source, "root": self.root, "classes": list(self.classes), "layout": self.layout,
+                "resolution": int(self.test.images.shape[-1]) if len(self.test) else None,
                 "train_images": len(self.train), "test_images": len(self.test)}
 
 
@@ -212,9 +215,20 @@ def _find_tree(root: Path) -> Path:
     raise DataError(f"{root} has no train/ and test/ folders (ImageFolder layout expected)")
 
 
-def _decode_folder(split_dir: Path, classes: list[str], layout: str) -> Split:
-    from torchvision.io import ImageReadMode, decode_image
+def fit_image(img: torch.Tensor, layout: str, res: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, res, res), torchvision's evaluation convention: ImageNet layout, resize the short
+    side to res / 0.875 (256 for 224) and center-crop res; CIFAR layout, images already res x res as stored,
+    others resized to res and center-cropped."""
     from torchvision.transforms.v2 import functional as TF
+    if layout == "imagenet":
+        return TF.center_crop(TF.resize(img, [round(res / 0.875)], antialias=True), [res, res])
+    if tuple(img.shape[-2:]) == (res, res):
+        return img
+    return TF.center_crop(TF.resize(img, [res], antialias=True), [res, res])
+
+
+def _decode_folder(split_dir: Path, classes: list[str], layout: str, res: int) -> Split:
+    from torchvision.io import ImageReadMode, decode_image
     files, labels = [], []
     for c, name in enumerate(classes):
         for f in sorted((split_dir / name).iterdir()):
@@ -225,12 +239,7 @@ def _decode_folder(split_dir: Path, classes: list[str], layout: str) -> Split:
         raise DataError(f"no .jpg/.jpeg/.png images under {split_dir}")
     images = []
     for f in tqdm(files, desc=f"decode {split_dir.name}", unit="img", mininterval=1.0, leave=False):
-        img = decode_image(str(f), mode=ImageReadMode.RGB)
-        if layout == "imagenet":
-            img = TF.center_crop(TF.resize(img, [256], antialias=True), [224, 224])
-        elif img.shape[1:] != (32, 32):
-            img = TF.center_crop(TF.resize(img, [32], antialias=True), [32, 32])
-        images.append(img)
+        images.append(fit_image(decode_image(str(f), mode=ImageReadMode.RGB), layout, res))
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
 
 
@@ -248,13 +257,15 @@ def _load_folder(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
     if not classes or classes != test_classes:
         raise DataError(f"{tree}: train/ and test/ must hold the same class folders "
                         f"(train: {classes[:5]}..., test: {test_classes[:5]}...)")
-    cached = tree / f".decoded-{cfg.layout}.pt"
+    res = check_resolution(cfg.layout, cfg.resolution)
+    # one cache per layout and resolution (the layout's default keeps the name earlier releases wrote)
+    cached = tree / (f".decoded-{cfg.layout}.pt" if res == INPUT_SIZE[cfg.layout] else f".decoded-{cfg.layout}-{res}.pt")
     if cached.exists():
         blob = torch.load(cached, weights_only=True)
         if blob["classes"] == classes:
             return Split(*blob["train"]), Split(*blob["test"]), tuple(classes)
-    train = _decode_folder(tree / "train", classes, cfg.layout)
-    test = _decode_folder(tree / "test", classes, cfg.layout)
+    train = _decode_folder(tree / "train", classes, cfg.layout, res)
+    test = _decode_folder(tree / "test", classes, cfg.layout, res)
     try:
         atomic_save({"classes": classes, "train": (train.images, train.labels), "test": (test.images, test.labels)},
                     cached)
@@ -284,7 +295,11 @@ def _load_cifar_batches(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]
                 d = pickle.load(f, encoding="latin1")
             xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d["labels"], dtype=np.int64))
-        return Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+        images = torch.from_numpy(np.concatenate(xs))
+        res = check_resolution(cfg.layout, cfg.resolution)
+        if cfg.layout == "imagenet" or res != 32:
+            images = torch.stack([fit_image(img, cfg.layout, res) for img in images])
+        return Split(images, torch.from_numpy(np.concatenate(ys)))
 
     meta = base / "batches.meta"
     classes = CIFAR10_CLASSES
@@ -296,7 +311,7 @@ def _load_cifar_batches(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]
 
 def _load_random(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
     g = torch.Generator().manual_seed(cfg.seed)
-    size = 224 if cfg.layout == "imagenet" else 32
+    size = check_resolution(cfg.layout, cfg.resolution)
     n = cfg.random_size
 
     def make():
@@ -312,6 +327,10 @@ def load_dataset(cfg: DataConfig | None = None, **kwargs) -> Dataset:
         raise DataError(f"unknown data source {cfg.source!r}; expected one of {SOURCES}")
     if cfg.layout not in MEAN_STD:
         raise DataError(f"unknown layout {cfg.layout!r}; expected one of {tuple(MEAN_STD)}")
+    try:
+        check_resolution(cfg.layout, cfg.resolution)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     train, test, classes = loaders[cfg.source](cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     n_calib = min(cfg.calib_size, len(train))

@@ -11,7 +11,7 @@ pruning and quantization find one uniform unit. Parameter counts equal torchvisi
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -30,7 +30,21 @@ INVERTED_RESIDUAL_SETTING = (
     (6, 320, 1, 1),
 )
 LAYOUTS = ("cifar", "imagenet")
-INPUT_SIZE = {"cifar": 32, "imagenet": 224}
+INPUT_SIZE = {"cifar": 32, "imagenet": 224}      # the layout's default input resolution
+MIN_RESOLUTION = {"cifar": 32, "imagenet": 64}   # the last feature map keeps at least 2x2 (strides 8 and 32)
+
+
+def check_resolution(layout: str, resolution: int | None) -> int:
+    """The input resolution a model of `layout` runs at: `resolution`, or the layout's default when None. Any
+    multiple of 8 from MIN_RESOLUTION up (MobileNetV2 ships at 96, 128, 160, 192 and 224); ValueError names the
+    value otherwise."""
+    if resolution is None:
+        return INPUT_SIZE[layout]
+    r = int(resolution)
+    if r != resolution or r < MIN_RESOLUTION[layout] or r % 8:
+        raise ValueError(f"--resolution should be a multiple of 8 from {MIN_RESOLUTION[layout]} up for the "
+                         f"{layout} layout (e.g. {INPUT_SIZE[layout]}), not {resolution!r}")
+    return r
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
@@ -43,11 +57,12 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 @dataclass
 class ModelConfig:
-    layout: str = "cifar"            # "cifar" (32x32) or "imagenet" (224x224)
+    layout: str = "cifar"            # "cifar" (32x32 by default) or "imagenet" (224x224 by default)
     width_mult: float = 1.0          # channel multiplier
     num_classes: int = 10
     dropout: float = 0.2             # before the classifier, as torchvision
     hidden_channels: list[int] | None = field(default=None)  # per-block expansion width; set by structured pruning
+    resolution: int | None = None    # input height = width; None: the layout's default (INPUT_SIZE)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -60,13 +75,23 @@ class ModelConfig:
             raise ValueError(f"dropout should be in [0, 1) instead of {self.dropout}")
         if self.hidden_channels is not None:
             self.hidden_channels = [int(h) for h in self.hidden_channels]
+        if self.resolution is not None:
+            self.resolution = check_resolution(self.layout, self.resolution)
 
     @property
     def input_size(self) -> int:
-        return INPUT_SIZE[self.layout]
+        return check_resolution(self.layout, self.resolution)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def with_resolution(model: nn.Module, resolution: int | None) -> nn.Module:
+    """`model` set to run at `resolution` (its config records it; the network itself is fully convolutional up
+    to the global pool, so the weights fit any size); None leaves it at its own."""
+    if resolution is not None:
+        model.cfg = replace(model.cfg, resolution=check_resolution(model.cfg.layout, resolution))
+    return model
 
 
 class ConvBNAct(nn.Sequential):

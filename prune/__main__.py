@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from common.cli import DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, Parser, add_config, config_from, opt, run_command, \
-    torch_device
+from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, RESOLUTION_HELP, Parser, add_config, config_from,
+                        opt, run_command, torch_device)
 from mobilenet.checkpoint import load_model
+from mobilenet.model import with_resolution
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, load_dataset
 from common.provenance import collect_meta, command_line, write_meta
 from mobilenet.runs import find_input, record, runs_dir
@@ -43,6 +44,7 @@ class CliConfig:
     train_images: int = field(default=0, metadata={"help": "use only the first N (strided) training images; 0 = all"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
     device: str = opt("auto", DEVICE_HELP)
+    resolution: int | None = opt(None, RESOLUTION_HELP)
 
 
 def build_parser() -> Parser:
@@ -79,11 +81,12 @@ def _run(cli: CliConfig, cfg: PruneConfig) -> int:
         torch.set_num_threads(cli.threads)
     device = str(torch_device(cli.device))
     model, ckpt = load_model(cli.checkpoint, layout=cfg.layout)
+    with_resolution(model, cli.resolution)
     select_layers(model, cfg)   # check the layer filters before the (slow) data load
     if cfg.sweep_layers:
         match_layers(cfg.sweep_layers, list(prunable_layers(model)), "--sweep-layers")
     ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=cfg.layout,
-                                 cache_dir=cli.cache_dir, seed=cfg.seed))
+                                 resolution=model.cfg.input_size, cache_dir=cli.cache_dir, seed=cfg.seed))
     ds.check_classes(model.cfg.num_classes, cli.checkpoint)
     if cli.train_images:
         ds.train = ds.train.subset(torch.arange(0, len(ds.train), max(1, len(ds.train) // cli.train_images))

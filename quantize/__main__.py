@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, VAL_IMAGES_HELP, Parser,
-                        add_config, config_from, opt, run_command, torch_device)
+from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, RESOLUTION_HELP, VAL_IMAGES_HELP,
+                        Parser, add_config, config_from, opt, run_command, torch_device)
 from common.files import atomic_write_text
 from mobilenet.checkpoint import load_checkpoint, load_model
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, load_dataset
 from mobilenet.engine import predict
+from mobilenet.model import with_resolution
 from mobilenet.runs import find_input, record, runs_dir
 
 from .config import RECIPES, QuantConfig, recipe
@@ -62,6 +63,7 @@ class CliConfig:
     adaround_iters: int = opt(1000, "AdaRound steps per layer")
     opt_images: int = opt(OPT_IMAGES, "images for AdaRound / bias correction / CLE")
     eval_images: int = opt(2000, EVAL_IMAGES_HELP)
+    resolution: int | None = opt(None, RESOLUTION_HELP)
     out: str = opt("", "output directory (default: runs/quantize, under $MNV2_RUNS)")
     matrix: bool = opt(False, "run the whole study matrix (CSV + PNG)")
     qat: bool = opt(False, "quantization-aware training (quantize.qat)")
@@ -149,10 +151,11 @@ def run(cli: CliConfig) -> dict:
     ckpt = load_checkpoint(cli.checkpoint)
     require_float_checkpoint(ckpt, cli.checkpoint)
     model, ckpt = load_model(ckpt, where=cli.checkpoint)
+    with_resolution(model, cli.resolution)
     cli.device = str(torch_device(cli.device))
     model = model.to(cli.device)
     ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=model.cfg.layout,
-                                 cache_dir=cli.cache_dir, seed=cli.seed,
+                                 resolution=model.cfg.input_size, cache_dir=cli.cache_dir, seed=cli.seed,
                                  calib_size=max(cli.calib_size, 1000)))
     ds.check_classes(model.cfg.num_classes, cli.checkpoint)
     split = ds.test.stratified(cli.eval_images)
