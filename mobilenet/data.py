@@ -291,8 +291,7 @@ def _load_cifar_batches(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]
             p = base / n
             if not p.exists():
                 raise DataError(f"missing CIFAR-10 batch file {p}")
-            with open(p, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
+            d = _load_batch(p)
             xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d["labels"], dtype=np.int64))
         images = torch.from_numpy(np.concatenate(xs))
@@ -304,9 +303,37 @@ def _load_cifar_batches(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]
     meta = base / "batches.meta"
     classes = CIFAR10_CLASSES
     if meta.exists():
-        with open(meta, "rb") as f:
-            classes = tuple(pickle.load(f, encoding="latin1")["label_names"])
+        classes = tuple(_load_batch(meta)["label_names"])
     return read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"]), classes
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR-10's batch files are pickles, and a pickle from elsewhere may name any callable for the loader to run.
+    These files need only numpy's array rebuilders (protocol 2 from Python 2 as published, or from a newer numpy), so
+    every other global is refused before it is looked up, let alone called. (`_codecs.encode` is how protocol 2
+    spells a bytes object written by Python 3: a pure function.)"""
+    ALLOWED = {("_codecs", "encode"), ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"asks to run Python code ({module}.{name}); a CIFAR-10 batch holds only "
+                                         "numpy arrays, lists, numbers and strings")
+        return super().find_class(module, name)
+
+
+def _load_batch(path: Path) -> dict:
+    """One cifar-10-batches-py pickle as a dict, loaded without running code; anything else is a DataError."""
+    try:
+        with open(path, "rb") as f:
+            d = _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError, OverflowError, MemoryError) as e:
+        raise DataError(f"{path} is not a CIFAR-10 batch file: {e}") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a CIFAR-10 batch file: it holds a {type(d).__name__}, not a dict")
+    return d
 
 
 def _load_random(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:

@@ -129,6 +129,33 @@ def test_cifar_batches_errors(cifar_small, tmp_path):
     (base / "data_batch_3").unlink()
     with pytest.raises(DataError, match="data_batch_3"):
         load_dataset(DataConfig(source="cifar-batches", root=str(tmp_path)))
+    (base / "data_batch_3").write_bytes(b"\x80\x02}q\x00")        # a pickle cut short
+    with pytest.raises(DataError, match="data_batch_3 is not a CIFAR-10 batch file"):
+        load_dataset(DataConfig(source="cifar-batches", root=str(tmp_path)))
+
+
+class _WritesMarker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_cifar_batch_that_runs_code_is_refused(cifar_small, tmp_path):
+    """The batch files are pickles from elsewhere: one that names a callable is refused, and the callable never
+    runs (the same file does run it under a plain pickle.load, so the check can fail)."""
+    base = _write_cifar_batches(tmp_path, cifar_small.train.subset(torch.arange(10)),
+                                cifar_small.test.subset(torch.arange(5)), cifar_small.classes)
+    marker = tmp_path / "marker"
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(cifar_small.classes), "note": _WritesMarker(marker)}, f, protocol=2)
+    with pytest.raises(DataError, match=r"batches.meta is not a CIFAR-10 batch file: asks to run Python code \(\w+\.open\)"):
+        load_dataset(DataConfig(source="cifar-batches", root=str(tmp_path)))
+    assert not marker.exists()
+    with open(base / "batches.meta", "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------- random, calibration
