@@ -75,6 +75,35 @@ def real_stats_tiny_model(data):
     return m.eval(), [x for x, _ in BatchLoader(data.calib, 64)]
 
 
+@pytest.fixture(scope="session")
+def tiny_w8a8(tmp_path_factory, cifar_small) -> dict:
+    """One tiny W8A8 per-channel model with real BN statistics, its FP32 and quantized checkpoints, and the file
+    `python -m export` makes of it (validated on 48 real test images). The export tests and the integer-simulation
+    tests both read this one file: a litert-torch conversion costs 10-15 s on 2 cores.
+    Keys: model, calib (batches), fp32, W8A8 (checkpoint paths), qm, tflite (path), report (its JSON)."""
+    import json
+    from common.files import sha256_file
+    from export.__main__ import main as export_main
+    from mobilenet import atomic_save
+    from quantize import calibrate, freeze, prepare, recipe
+    from quantize.io import save_quantized
+    d = tmp_path_factory.mktemp("tiny_w8a8")
+    m, xs = real_stats_tiny_model(cifar_small)
+    out = {"model": m, "calib": xs, "fp32": d / "fp32.pt", "W8A8": d / "W8A8.pt", "tflite": d / "w8a8.tflite"}
+    atomic_save({"format": "mnv2-compress", "kind": "fp32", "model_config": m.cfg.to_dict(),
+                 "model": m.state_dict()}, out["fp32"])
+    qm = prepare(m, recipe("W8A8"))
+    calibrate(qm, xs)
+    freeze(qm)
+    save_quantized(out["W8A8"], qm, {"source_checkpoint": str(out["fp32"])})
+    before = sha256_file(out["W8A8"])
+    assert export_main(["--checkpoint", str(out["W8A8"]), "--out", str(out["tflite"]), "--val-images", "48",
+                        "--data", str(CIFAR_TGZ)]) == 0
+    assert sha256_file(out["W8A8"]) == before              # export never modifies its checkpoint
+    out["qm"], out["report"] = qm, json.loads((d / "w8a8.tflite.json").read_text())
+    return out
+
+
 def make_image_tree(root: Path, per_class: tuple[int, int] = (32, 8), size: tuple[int, int] = (40, 48),
                     seed: int = 0) -> Path:
     """An ImageFolder tree unlike CIFAR-10: three classes of generated patterns (horizontal stripes, vertical

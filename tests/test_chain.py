@@ -1,6 +1,7 @@
-"""The whole chain and the experiment matrix, end to end on real CIFAR-10 images with a tiny model: every step
-runs for real (training, pruning, PTQ, litert-torch conversion, validation with the LiteRT interpreter, host
-timing, report), only the budgets are small."""
+"""The whole chain end to end on real CIFAR-10 images with a tiny model: every step runs for real (training,
+pruning, PTQ, litert-torch conversion, validation with the LiteRT interpreter, host timing, report), only the
+budgets are small. The experiment matrix runs end to end, resumes and re-times in tests/test_design_card.py,
+on the user's own data."""
 from __future__ import annotations
 
 import csv
@@ -10,10 +11,6 @@ import pytest
 import torch
 
 import bench.__main__ as bench_cli
-from common.matrix import read_matrix
-from mobilenet import build_model
-from mobilenet.checkpoint import FORMAT, atomic_save
-from conftest import CIFAR_TGZ, tiny_config
 
 
 def CHAIN_ARGS(out):  # tiny budgets: seconds per stage on 2 cores
@@ -61,36 +58,6 @@ def test_chain_resumes_without_redoing_finished_steps(chain_dir):
     assert {p: p.stat().st_mtime_ns for p in before} == before
     steps = json.loads((chain_dir / "chain.json").read_text())["steps"]
     assert all(s.get("skipped") for s in steps if s["step"] != "report")
-
-
-def test_matrix_quick_rows_resume(tmp_path):
-    torch.manual_seed(0)
-    model = build_model(tiny_config())
-    ckpt = tmp_path / "tiny.pt"
-    atomic_save({"format": FORMAT, "kind": "fp32", "model_config": model.cfg.to_dict(),
-                 "model": model.state_dict()}, ckpt)
-    out = tmp_path / "matrix"
-    args = ["--matrix", "--checkpoint", str(ckpt), "--out", str(out), "--data", str(CIFAR_TGZ), "--quick",
-            "--only", "FP32,W8A8", "--eval-images", "200", "--calib-size", "64", "--val-images", "20",
-            "--host-runs", "5"]
-    assert bench_cli.main(args) == 0
-    rows = read_matrix(out / "matrix.csv")
-    assert [(r["config"], r["export_status"]) for r in rows] == [("FP32", "ok"), ("W8A8", "ok")]
-    w8 = rows[1]
-    assert w8["max_lsb"] == 0 and w8["file_agreement"] == 1.0 and w8["eval_images"] == 200
-    assert 0 < w8["file_bytes"] < rows[0]["file_bytes"]
-    mtime = (out / "matrix.csv").stat().st_mtime_ns
-    assert bench_cli.main(args) == 0                      # resumed: nothing left to do, no row rewritten
-    assert (out / "matrix.csv").stat().st_mtime_ns == mtime
-    assert (out / "report.html").exists()
-    hist = json.loads((out / "meta.json").read_text())["history"]   # both invocations named in the report
-    assert [h["rows_before"] for h in hist] == [0, 2]
-    assert "resumed after 2 rows" in (out / "report.md").read_text()
-    assert bench_cli.main(args + ["--retime", "2"]) == 0     # host latency again, interleaved rounds
-    again = read_matrix(out / "matrix.csv")
-    assert [r["top1"] for r in again] == [r["top1"] for r in rows]         # only the host columns change
-    assert all(r["host_ms_median"] > 0 and r["host_ms_p5"] <= r["host_ms_p95"] for r in again)
-    assert "re-timed: host latency of 2 files, 2 interleaved rounds" in (out / "report.md").read_text()
 
 
 def test_matrix_rejects_unknown_config(tmp_path, capsys):

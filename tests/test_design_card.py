@@ -18,6 +18,7 @@ import train
 from conftest import make_image_tree
 from mobilenet.checkpoint import load_checkpoint
 from mobilenet.runs import latest, runs_dir
+from quantize.io import load_quantized
 from tests.bench_fixtures import phone, standin_binary  # noqa: F401 (fixtures)
 
 
@@ -51,6 +52,8 @@ def test_three_commands_in_order_on_the_users_data(tree, tmp_path, phone, standi
     q = runs_dir() / "quantize"
     qm = json.loads((q / "metrics.json").read_text())
     assert qm["data"]["root"] == str(tree.resolve()) and qm["qat"]["config"]["budget"]["minutes"] == 0.1
+    assert load_quantized(q / "quantized.pt")[1]["qat"] is True
+    assert latest("quantized") == (q / "quantized.pt").resolve()
     rep = json.loads((q / "model_w8a8.tflite.json").read_text())
     assert rep["validation"]["passed"] and rep["validation"]["runs"]["xnnpack"]["max_lsb"] == 0
     assert rep["validation_data"]["root"] == str(tree.resolve())
@@ -78,8 +81,9 @@ def test_each_command_says_what_is_missing_and_which_command_makes_it(capsys):
     assert "no MODEL.tflite given" in err and "run `python -m quantize" in err
 
 
-def test_matrix_takes_the_users_model_and_data(tree, tmp_path):
-    """python -m bench --matrix --checkpoint CKPT --data TREE: the study on the user's own 3-class model and data."""
+def test_matrix_takes_the_users_model_and_data_and_resumes(tree, tmp_path):
+    """python -m bench --matrix --checkpoint CKPT --data TREE: the study on the user's own 3-class model and data;
+    run again, it resumes with nothing left to do; --retime times the files again and changes only host columns."""
     import torch
     from conftest import tiny_config
     from mobilenet import build_model
@@ -91,13 +95,28 @@ def test_matrix_takes_the_users_model_and_data(tree, tmp_path):
     atomic_save({"format": FORMAT, "kind": "fp32", "model_config": model.cfg.to_dict(),
                  "model": model.state_dict()}, ckpt)
     out = tmp_path / "matrix"
-    assert bench_cli.main(["--matrix", "--checkpoint", str(ckpt), "--data", str(tree), "--out", str(out),
-                           "--only", "FP32,W8A8", "--quick", "--eval-images", "0", "--calib-size", "32",
-                           "--val-images", "24", "--host-runs", "3"]) == 0
+    args = ["--matrix", "--checkpoint", str(ckpt), "--data", str(tree), "--out", str(out), "--only", "FP32,W8A8",
+            "--quick", "--eval-images", "0", "--calib-size", "32", "--val-images", "24", "--host-runs", "3"]
+    assert bench_cli.main(args) == 0
     rows = read_matrix(out / "matrix.csv")
     assert [(r["config"], r["export_status"]) for r in rows] == [("FP32", "ok"), ("W8A8", "ok")]
-    assert rows[1]["max_lsb"] == 0 and rows[1]["eval_images"] == 24
+    w8 = rows[1]
+    assert w8["max_lsb"] == 0 and w8["file_agreement"] == 1.0 and w8["eval_images"] == 24
+    assert 0 < w8["file_bytes"] < rows[0]["file_bytes"]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["data"]["root"] == str(tree.resolve()) and meta["data"]["classes"] == ["checker", "hstripes",
                                                                                           "vstripes"]
     assert str(tree.resolve()) in (out / "report.md").read_text()
+
+    mtime = (out / "matrix.csv").stat().st_mtime_ns
+    assert bench_cli.main(args) == 0                      # resumed: nothing left to do, no row rewritten
+    assert (out / "matrix.csv").stat().st_mtime_ns == mtime
+    assert (out / "report.html").exists()
+    hist = json.loads((out / "meta.json").read_text())["history"]   # both invocations named in the report
+    assert [h["rows_before"] for h in hist] == [0, 2]
+    assert "resumed after 2 rows" in (out / "report.md").read_text()
+    assert bench_cli.main(args + ["--retime", "2"]) == 0     # host latency again, interleaved rounds
+    again = read_matrix(out / "matrix.csv")
+    assert [r["top1"] for r in again] == [r["top1"] for r in rows]         # only the host columns change
+    assert all(r["host_ms_median"] > 0 and r["host_ms_p5"] <= r["host_ms_p95"] for r in again)
+    assert "re-timed: host latency of 2 files, 2 interleaved rounds" in (out / "report.md").read_text()

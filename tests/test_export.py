@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CIFAR_TGZ, real_stats_tiny_model, tiny_config
+from conftest import CIFAR_TGZ, tiny_config
 
 VAL = "48"
 
@@ -24,17 +24,16 @@ def _run(argv):
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, cifar_small):
+def ckpts(tmp_path_factory, tiny_w8a8):
     """FP32, W8A8, pruned W8A8 (half of every conv's weights zero), W8A32, W8A16 and W4A8 checkpoints of one
-    tiny model whose BN statistics come from real images (so activations look like a trained net's)."""
-    from mobilenet import atomic_save, build_model
+    tiny model whose BN statistics come from real images (so activations look like a trained net's); its FP32
+    and W8A8 checkpoints are the session's `tiny_w8a8`."""
+    from mobilenet import build_model
     from quantize import calibrate, freeze, prepare, recipe
     from quantize.io import save_quantized
     d = tmp_path_factory.mktemp("export")
-    m, xs = real_stats_tiny_model(cifar_small)
-    out = {"dir": d, "model": m, "fp32": d / "fp32.pt"}
-    atomic_save({"format": "mnv2-compress", "kind": "fp32", "model_config": m.cfg.to_dict(),
-                 "model": m.state_dict()}, out["fp32"])
+    m, xs = tiny_w8a8["model"], tiny_w8a8["calib"]
+    out = {"dir": d, "model": m, "fp32": tiny_w8a8["fp32"], "W8A8": tiny_w8a8["W8A8"], "W8A8_qm": tiny_w8a8["qm"]}
 
     def quantized(name, model, tag):
         qm = prepare(model, recipe(name))
@@ -44,7 +43,7 @@ def ckpts(tmp_path_factory, cifar_small):
         save_quantized(out[tag], qm, {"source_checkpoint": str(out["fp32"])})
         out[tag + "_qm"] = qm
 
-    for name in ("W8A8", "W8A32", "W8A16", "W4A8", "W16A32"):
+    for name in ("W8A32", "W8A16", "W4A8", "W16A32"):
         quantized(name, m, name)
     pruned = build_model(tiny_config()).eval()
     pruned.load_state_dict(m.state_dict())
@@ -59,17 +58,9 @@ def ckpts(tmp_path_factory, cifar_small):
 
 
 @pytest.fixture(scope="module")
-def w8a8(ckpts):
-    from mobilenet.checkpoint import load_checkpoint
-    from common.files import sha256_file as sha256
-    path = ckpts["dir"] / "w8a8.tflite"
-    before = sha256(ckpts["W8A8"])
-    rc = _run(["--checkpoint", str(ckpts["W8A8"]), "--out", str(path), "--val-images", VAL,
-               "--data", str(CIFAR_TGZ)])
-    assert rc == 0
-    assert sha256(ckpts["W8A8"]) == before  # the checkpoint is never modified
-    load_checkpoint(ckpts["W8A8"])
-    return path, json.loads((path.parent / (path.name + ".json")).read_text())
+def w8a8(tiny_w8a8):
+    """The W8A8 file `python -m export` wrote (the session's `tiny_w8a8`), and its report."""
+    return tiny_w8a8["tflite"], tiny_w8a8["report"]
 
 
 def _interp(path, builtin=True):

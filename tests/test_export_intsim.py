@@ -1,11 +1,11 @@
 """The integer simulation (export/intsim.py, export/kernels.py) against the real ai_edge_litert interpreter, bit
 for bit.
 
-One tiny W8A8 model (width 0.25, 32x32, BN statistics from real images) is exported twice, with per-channel and
-with per-tensor weights (one litert-torch conversion each, ~30 s on the shared CPU); 256 real CIFAR-10 test
-images go through the file and through `int_outputs`, with XNNPACK (the default CPU path) and with the builtin
-kernels (BUILTIN_WITHOUT_DEFAULT_DELEGATES: TFLite's own int8 kernels, ruy and gemmlowp rounding): every output
-code equal.
+One tiny W8A8 model (width 0.25, 32x32, BN statistics from real images) is exported twice: with per-channel
+weights by `python -m export` (the file the export tests check too) and with per-tensor weights here; 256 real
+CIFAR-10 test images go through the file and through `int_outputs`, with XNNPACK (the default CPU path) and with
+the builtin kernels (BUILTIN_WITHOUT_DEFAULT_DELEGATES: TFLite's own int8 kernels, ruy and gemmlowp rounding):
+every output code equal.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import real_stats_tiny_model, tiny_config
+from conftest import tiny_config
 
 
 # ------------------------------------------------------------------------------------ golden vectors
@@ -84,19 +84,16 @@ def test_relu6_bounds_and_add_golden():
 # ------------------------------------------------------------------------------------ against the file
 
 @pytest.fixture(scope="module")
-def exported(cifar_small):
-    """{granularity: (QMobileNet, tflite bytes)} for one tiny W8A8 model, per-channel and per-tensor weights."""
+def exported(cifar_small, tiny_w8a8):
+    """{granularity: (QMobileNet, tflite bytes)} for one tiny W8A8 model: per-channel weights as `python -m export`
+    wrote them (the session's `tiny_w8a8`), per-tensor converted here from the same model and calibration."""
     from export.convert import convert
     from quantize import calibrate, freeze, prepare, recipe
-    m, xs = real_stats_tiny_model(cifar_small)
-    out = {}
-    for gran in ("per-channel", "per-tensor"):
-        qm = prepare(m, recipe("W8A8", granularity=gran))
-        calibrate(qm, xs)
-        freeze(qm)
-        data, _ = convert(qm, "int8")
-        out[gran] = (qm, data)
-    return out
+    qm = prepare(tiny_w8a8["model"], recipe("W8A8", granularity="per-tensor"))
+    calibrate(qm, tiny_w8a8["calib"])
+    freeze(qm)
+    return {"per-channel": (tiny_w8a8["qm"], tiny_w8a8["tflite"].read_bytes()),
+            "per-tensor": (qm, convert(qm, "int8")[0])}
 
 
 @pytest.fixture(scope="module")

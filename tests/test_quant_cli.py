@@ -100,13 +100,13 @@ def test_eval_images_is_one_stratified_subset():
     assert len(split.stratified(10000)) == len(split.stratified(0)) == len(split.stratified(20000)) == 10000
 
 
-def test_qat_flags_reach_qat_and_the_file_is_exported(ckpt, tmp_path, capsys):
-    """--qat runs quantize.qat with the flags mapped onto its QATConfig, then exports the validated .tflite and
-    records both for the next command (the design card's `python -m quantize --qat`)."""
+def test_qat_flags_reach_qat(ckpt, tmp_path, capsys):
+    """--qat runs quantize.qat with the flags mapped onto its QATConfig and records the model for the next command
+    (the export that follows, and the record of the file, are the design card's test: tests/test_design_card.py)."""
     out = tmp_path / "qat"
     assert main(["--checkpoint", str(ckpt), "--config", "W8A8", "--qat", "--epochs", "2", "--qat-lr", "0.001",
                  "--freeze-bn-epoch", "1", "--freeze-observer-epoch", "1", "--qat-images", "64", "--qat-minutes", "0",
-                 "--val-images", "8", "--out", str(out)] + [a for a in FAST if a != "--no-export"]) == 0
+                 "--out", str(out)] + FAST) == 0
     qat = json.loads((out / "metrics.json").read_text())["qat"]
     c = qat["config"]
     assert (c["epochs"], c["lr"], c["freeze_bn_epoch"], c["freeze_observer_epoch"], c["max_images_per_epoch"],
@@ -114,10 +114,8 @@ def test_qat_flags_reach_qat_and_the_file_is_exported(ckpt, tmp_path, capsys):
     assert c["precision"]["dtype"] == "fp32" or c["bf16"] is True       # QAT stays float32 unless forced
     assert [h["epoch"] for h in qat["history"]] == [1, 2] and [h["bn_frozen"] for h in qat["history"]] == [False, True]
     assert load_quantized(out / "quantized.pt")[1]["qat"] is True
-    rep = json.loads((out / "model_w8a8.tflite.json").read_text())
-    assert rep["validation"]["passed"] and rep["validation"]["runs"]["xnnpack"]["max_lsb"] == 0
     assert latest("quantized") == (out / "quantized.pt").resolve()
-    assert latest("tflite") == (out / "model_w8a8.tflite").resolve()
+    assert not (out / "model_w8a8.tflite").exists()                    # --no-export
 
 
 def test_matrix_rows_cover_the_study():
