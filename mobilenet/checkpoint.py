@@ -91,7 +91,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch words it two ways: a global not on its allow-list, and one from a module it blocks outright (os, ...)
+        m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
         if m:
             raise CheckpointError(f"checkpoint {path} asks to run Python code ({m.group(1)}) when loaded; refused "
                                   f"(only tensors, numbers, strings and plain containers are loaded). If it is an "

@@ -90,6 +90,25 @@ def test_a_checkpoint_that_runs_code_is_refused_by_every_command(evil, tmp_path,
     assert not marker.exists()
 
 
+class _MakesDir:
+    """Names a function of a module torch blocks outright (os), which it reports in other words."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_a_blocked_module_is_named_too(tmp_path, capsys):
+    path, marker = tmp_path / "evil_os.pt", tmp_path / "made"
+    torch.save(_float_ckpt(note=_MakesDir(marker)), path)
+    rc = quantize_cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "o"), "--data-source", "random"])
+    _refused(capsys, rc, tmp_path / "o", str(path), "asks to run Python code (")
+    assert not marker.exists()
+    torch.load(path, weights_only=False)     # the same file does run code when loaded unsafely
+    assert marker.is_dir()
+
+
 def test_the_marker_file_is_real(evil):
     """The refused file does run code when loaded unsafely: the test above could fail."""
     path, marker = evil
