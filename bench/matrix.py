@@ -74,7 +74,8 @@ def study_rows(calib_size: int, adaround_iters: int) -> list[tuple[QuantConfig, 
 
 def row_name(key: dict) -> str:
     parts = [key["config"], key["granularity"], key["calib"], key["method"]]
-    return "_".join(p.replace("/", "").replace("+", "-") for p in parts if p not in ("n/a", "rtn", "fp32"))
+    return "_".join(p.replace("/", "").replace("+", "-").replace(" (", "-").replace(")", "")
+                    for p in parts if p not in ("n/a", "rtn", "fp32"))
 
 
 def _quantize(model, dataset, qcfg: QuantConfig, path: Path):

@@ -9,8 +9,10 @@
              ranges), int8 weights, int64 biases                    then rewrite the int32 biases as int64
     W4A8     4-bit weights held as int8 values in [-7, 7]: exact,   only with w4_storage="int8" (asked for by name);
     W4A32    no size gain                                           refused otherwise
-    W16A32   refused: LiteRT's DEQUANTIZE takes no per-channel int16 weights ("Type 7 not supported for
-             per-channel"); its 16-bit weights are fp16, another number format than our int16 simulation
+    W16A32   fp16 weights + DEQUANTIZE, float compute:             plain convert of the half-rounded weights, then
+    (fp16)   LiteRT's 16-bit weight format (its DEQUANTIZE takes    each float32 weight stored as float16 behind a
+             no per-channel int16); the simulation rounds the       DEQUANTIZE (export/flatbuffer.py)
+             folded weights to half
 
 W8A16 in the simulation is dynamic (per-sample ranges at run time); LiteRT's int16 kernels use fixed ranges,
 so the export is a *static* int16 model, validated against a static int16 simulation with the same weights.
@@ -34,7 +36,7 @@ from .qdq import QDQMobileNet
 
 __all__ = ["ExportError", "export_kind", "static_int16", "convert", "KINDS"]
 
-KINDS = ("fp32", "weight-only", "int8", "int16")
+KINDS = ("fp32", "fp16", "weight-only", "int8", "int16")
 
 
 class ExportError(ValueError):
@@ -45,6 +47,8 @@ def export_kind(cfg: QuantConfig, w4_storage: str | None = None) -> str:
     """Which kind of file `cfg` becomes, or ExportError saying why LiteRT cannot run it."""
     if cfg.is_float:
         return "fp32"
+    if cfg.fp16_weights:
+        return "fp16"
     if cfg.w_bits is None:
         raise ExportError(f"{cfg.name}: float weights with quantized activations has no LiteRT kernel")
     if cfg.w_bits == 4:
@@ -55,8 +59,8 @@ def export_kind(cfg: QuantConfig, w4_storage: str | None = None) -> str:
                 "torch.export and real INT4 tensors run convs on slow non-XNNPACK kernels")
     elif cfg.w_bits == 16:
         raise ExportError(
-            f"{cfg.name}: LiteRT has no int16 weight path (its DEQUANTIZE rejects per-channel int16, and its "
-            "16-bit weights are fp16, a different number format from this int16 simulation)")
+            f"{cfg.name}: LiteRT has no int16 weight path (its DEQUANTIZE rejects per-channel int16); its 16-bit "
+            "weights are fp16: use w_format fp16 (the W16A32 recipe)")
     elif cfg.w_bits != 8:
         raise ExportError(f"{cfg.name}: {cfg.w_bits}-bit weights have no LiteRT storage type")
     if cfg.a_bits is None:
@@ -111,10 +115,14 @@ def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = F
     module = QDQMobileNet(qm, nhwc=nhwc).eval()
     size = qm.model_cfg.input_size
     x = torch.zeros(1, size, size, 3) if nhwc else torch.zeros(1, 3, size, size)  # batch 1, fixed by export
-    quant_config = None if kind == "fp32" else _quantizer()
+    quant_config = None if kind in ("fp32", "fp16") else _quantizer()
     data = bytes(litert_torch.convert(module, (x,), quant_config=quant_config).model_content())
-    float_io = float_io or kind in ("fp32", "weight-only")  # float graphs have float io anyway
+    float_io = float_io or kind in ("fp32", "fp16", "weight-only")  # float graphs have float io anyway
     notes = {"batch": 1, "layout": "NHWC" if nhwc else "NCHW", "float_io": float_io}
+    if kind == "fp16":
+        model = fb.read(data)
+        notes["weights_stored_fp16"] = fb.weights_to_fp16(model)
+        data = fb.write(model)
     if kind in ("int8", "int16"):
         model = fb.read(data)
         if kind == "int16":

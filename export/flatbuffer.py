@@ -18,7 +18,7 @@ from ai_edge_litert.tools import flatbuffer_utils as fbu
 
 from .tflite_file import verify
 
-__all__ = ["read", "write", "op_name", "add_float_io", "biases_to_int64", "TensorType", "BuiltinOperator",
+__all__ = ["read", "write", "op_name", "add_float_io", "biases_to_int64", "weights_to_fp16", "TensorType", "BuiltinOperator",
            "TYPE_NAMES"]
 
 TensorType = schema.TensorType
@@ -50,6 +50,7 @@ def op_name(model, op) -> str:
 def _opcode_index(model, code: int, version: int = 1) -> int:
     for i, oc in enumerate(model.operatorCodes):
         if fbu.get_builtin_code_from_operator_code(oc) == code:
+            oc.version = max(oc.version, version)   # the kernel version the newest use of the op needs
             return i
     oc = schema.OperatorCodeT()
     oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
@@ -97,6 +98,46 @@ def add_float_io(model: schema.ModelT) -> schema.ModelT:
         for tm in list(sig.inputs or []) + list(sig.outputs or []):
             tm.tensorIndex = remap.get(tm.tensorIndex, tm.tensorIndex)
     return model
+
+
+_WEIGHTED = (BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D, BuiltinOperator.FULLY_CONNECTED)
+DEQUANTIZE_FP16_VERSION = 3   # DEQUANTIZE of a float16 input (tflite/tools/versioning/op_version.cc)
+
+
+def weights_to_fp16(model: schema.ModelT) -> int:
+    """Store every float32 conv / FC weight of subgraph 0 as float16 behind a DEQUANTIZE (LiteRT's 16-bit weight
+    format: XNNPACK unpacks it once at load, the builtin kernels read the DEQUANTIZE output). The weights must
+    already be half values, so the file computes what the float32 file did. Returns the number of weights
+    stored."""
+    sg = model.subgraphs[0]
+    dq = _opcode_index(model, BuiltinOperator.DEQUANTIZE, DEQUANTIZE_FP16_VERSION)
+    head, done, old = [], set(), set()
+    for op in sg.operators:
+        if _code(model, op) not in _WEIGHTED or op.inputs[1] in done:
+            continue
+        w_idx = op.inputs[1]
+        w = sg.tensors[w_idx]
+        data = model.buffers[w.buffer].data if w.buffer else None
+        if w.type != TensorType.FLOAT32 or data is None or len(data) == 0:
+            continue
+        values = np.frombuffer(bytes(data), dtype=np.float32)
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            raise ValueError(f"weight {w.name!r} holds values that float16 cannot hold exactly: the model's weights "
+                             "must be rounded to half precision before export")
+        t = schema.TensorT()
+        t.shape, t.type, t.buffer = list(w.shape), TensorType.FLOAT16, _new_buffer(model, half.tobytes())
+        t.name = (w.name.decode() if isinstance(w.name, bytes) else (w.name or "")) + "_fp16"
+        sg.tensors.append(t)
+        old.add(w.buffer)
+        w.buffer = _new_buffer(model)           # no data: DEQUANTIZE writes the float32 weight at load
+        head.append(_op(dq, [len(sg.tensors) - 1], [w_idx]))
+        done.add(w_idx)
+    sg.operators = head + list(sg.operators)
+    used = {t.buffer for g in model.subgraphs for t in g.tensors}
+    for b in old - used:                        # the float32 copies leave the file (unless another tensor reads one)
+        model.buffers[b].data = None
+    return len(head)
 
 
 def _op(opcode: int, inputs: list[int], outputs: list[int]) -> schema.OperatorT:

@@ -209,7 +209,8 @@ def _report(cfg, ckpt_path, digest, ckpt, qcfg, qm, kind, notes, data, validatio
         "source_checkpoint": str(ckpt_path), "source_sha256": digest, "source_kind": ckpt.get("kind"),
         "quant_config": qcfg.to_dict(), "export_kind": kind, "export_config": asdict(cfg),
         "graph": notes, "convert_seconds": round(convert_s, 1),
-        "activations": {"fp32": "float32", "weight-only": "float32 (int8 weights dequantized at run time)",
+        "activations": {"fp32": "float32", "fp16": "float32 (fp16 weights, dequantized once at load)",
+                        "weight-only": "float32 (int8 weights dequantized at run time)",
                         "int8": "int8, static per-tensor ranges from the checkpoint",
                         "int16": "int16 symmetric, STATIC per-tensor ranges calibrated at export "
                                  f"({cfg.calib_images} calibration images, min/max); the checkpoint's simulation "

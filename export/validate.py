@@ -67,8 +67,9 @@ def _our_layer_arrays(layer, kind: str) -> dict:
     with torch.no_grad():
         w, _ = layer.folded_weight_bias()
         out = {"depthwise": layer.is_depthwise}
-        if layer.w_fq is None:
-            out["weight"] = _tflite_layout(w.detach().float().numpy(), layer.is_depthwise)
+        if layer.w_fq is None:    # float weights: float32, or half values stored as float16
+            w = w.detach().half() if layer.w_half else w.detach().float()
+            out["weight"] = _tflite_layout(w.numpy(), layer.is_depthwise)
             return out
         fq = layer.w_fq
         q = layer.weight_codes().numpy()
@@ -106,12 +107,14 @@ def _check_weight(f: _File, op: dict, name: str, ours: dict, kind: str) -> tuple
     """The weight of one conv / FC op against ours: values (float files) or dtype, scales, zero-points, axis, codes.
     Returns (problems, whether the weight was compared: not when it has the wrong type)."""
     w_idx = op["inputs"][1]
-    if kind == "weight-only" and w_idx in f.producer and f.producer[w_idx]["op_name"] == "DEQUANTIZE":
+    if kind in ("weight-only", "fp16") and w_idx in f.producer and f.producer[w_idx]["op_name"] == "DEQUANTIZE":
         w_idx = f.producer[w_idx]["inputs"][0]
     wt, got = f.td[w_idx], f.it.get_tensor(w_idx)
-    if "codes" not in ours:  # float weights (FP32)
+    if "codes" not in ours:  # float weights (FP32 or fp16)
         ref = ours["weight"]
-        if got.dtype != np.float32 or got.shape != ref.shape or not np.array_equal(got, ref):
+        if got.dtype != ref.dtype:
+            return [f"{name}: weight is {got.dtype.name}, not {ref.dtype.name}"], False
+        if got.shape != ref.shape or not np.array_equal(got, ref):
             return [f"{name}: float weight differs from the model's folded weight"], True
         return [], True
     if wt["dtype"] != ours["dtype"]:
@@ -212,7 +215,8 @@ def check_structure(data: bytes, qm: QMobileNet, kind: str, float_io: bool) -> t
         if int_graph:
             problems += _check_bias(f, op, name, ours)
             checked_b += 1
-    weight_dtypes = {np.dtype(f"int{layer.w_fq.spec.storage_bits}") for _, layer in layers if layer.w_fq is not None}
+    weight_dtypes = {np.dtype(f"int{layer.w_fq.spec.storage_bits}") if layer.w_fq is not None else np.dtype(np.float16)
+                     for _, layer in layers if layer.w_fq is not None or layer.w_half}
     op_problems, edge_ops = _check_ops(f, int_graph, float_io, weight_dtypes)
     problems += op_problems
     if int_graph:

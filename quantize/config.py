@@ -6,11 +6,12 @@ from dataclasses import asdict, dataclass, replace
 from .spec import Target, check_bits
 from .spec import target as spec_target
 
-__all__ = ["QuantConfig", "RECIPES", "recipe", "GRANULARITIES", "ACT_MODES", "CALIB_SOURCES"]
+__all__ = ["QuantConfig", "RECIPES", "recipe", "GRANULARITIES", "ACT_MODES", "CALIB_SOURCES", "W_FORMATS"]
 
 GRANULARITIES = ("per-channel", "per-tensor")
 ACT_MODES = ("none", "static", "dynamic")   # float activations | calibrated ranges | ranges taken at run time
 CALIB_SOURCES = ("real", "random")
+W_FORMATS = ("int", "fp16")   # integer codes on a scale grid | IEEE half-precision values (LiteRT's 16-bit weights)
 
 
 @dataclass
@@ -29,6 +30,7 @@ class QuantConfig:
     adaround: bool = False               # learned rounding, layer by layer
     adaround_iters: int = 1000           # optimizer steps per layer
     seed: int = 0
+    w_format: str = "int"                # int | fp16 (w_bits 16, float activations: no scale, no granularity)
 
     def __post_init__(self):
         if self.w_bits is not None:
@@ -43,6 +45,11 @@ class QuantConfig:
             raise ValueError(f"unknown calibration source {self.calib!r}; expected one of {CALIB_SOURCES}")
         if (self.a_bits is None) != (self.act_mode == "none"):
             raise ValueError(f"a_bits={self.a_bits} does not fit act_mode={self.act_mode!r}")
+        if self.w_format not in W_FORMATS:
+            raise ValueError(f"unknown w_format {self.w_format!r}; expected one of {W_FORMATS}")
+        if self.w_format == "fp16" and (self.w_bits != 16 or self.a_bits is not None):
+            raise ValueError(f"fp16 weights are 16 bits with float activations, not w_bits={self.w_bits} "
+                             f"a_bits={self.a_bits}")
         if self.calib_size < 1:
             raise ValueError(f"calib_size should be >= 1 instead of {self.calib_size}")
 
@@ -55,9 +62,20 @@ class QuantConfig:
         return self.w_bits is None and self.a_bits is None
 
     @property
+    def fp16_weights(self) -> bool:
+        return self.w_format == "fp16"
+
+    @property
+    def label(self) -> str:
+        """The name a report shows: the recipe name, with the number format where bits alone would mislead."""
+        return f"{self.name} (fp16)" if self.fp16_weights else self.name
+
+    @property
     def target(self) -> Target:
-        """The integer format this configuration simulates (quantize/spec.py): weight, activation, bias specs."""
-        return spec_target(self.w_bits, self.a_bits, self.per_channel, static=self.act_mode == "static")
+        """The integer format this configuration simulates (quantize/spec.py): weight, activation, bias specs.
+        fp16 weights have no integer spec: the simulation rounds them to half precision instead."""
+        w_bits = None if self.fp16_weights else self.w_bits
+        return spec_target(w_bits, self.a_bits, self.per_channel, static=self.act_mode == "static")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +84,7 @@ class QuantConfig:
 RECIPES: dict[str, QuantConfig] = {
     "FP32": QuantConfig("FP32", None, None, "none"),
     "W8A32": QuantConfig("W8A32", 8, None, "none"),
-    "W16A32": QuantConfig("W16A32", 16, None, "none"),
+    "W16A32": QuantConfig("W16A32", 16, None, "none", w_format="fp16"),   # LiteRT stores 16-bit weights as fp16
     "W4A32": QuantConfig("W4A32", 4, None, "none"),
     "W8A16": QuantConfig("W8A16", 8, 16, "dynamic"),
     "W8A8": QuantConfig("W8A8", 8, 8, "static"),

@@ -2,7 +2,8 @@
 
     rows                                       granularity              calibration
     FP32                                       n/a                      n/a
-    W8A32, W16A32, W4A32 (weight-only)         per-channel, per-tensor  n/a (no activation ranges)
+    W8A32, W4A32 (weight-only)                 per-channel, per-tensor  n/a (no activation ranges)
+    W16A32 (fp16): half-precision weights      n/a (no scales)          n/a
     W8A16 dynamic                              per-channel, per-tensor  n/a (ranges taken at run time)
     W8A8, W4A8                                 per-channel, per-tensor  real, random
     W8A8 per-tensor + CLE / + bias corr. / + both, W4A8 per-tensor + CLE + bias corr.           real
@@ -50,7 +51,7 @@ def method_of(q: QuantConfig) -> str:
 def study_key(q: QuantConfig, method: str | None = None) -> dict:
     """The row's key columns (config, granularity, calib, method); weight-only and dynamic rows have no
     calibration, FP32 no granularity."""
-    return {"config": q.name, "granularity": q.granularity if q.w_bits is not None else "n/a",
+    return {"config": q.label, "granularity": "n/a" if q.w_bits is None or q.fp16_weights else q.granularity,
             "calib": q.calib if q.act_mode == "static" else "n/a", "method": method or method_of(q)}
 
 
@@ -66,7 +67,8 @@ def sim_columns(q: QuantConfig, m: dict) -> dict:
 
 
 def matrix_rows(calib_size: int = 1000, adaround_iters: int = 1000, seed: int = 0) -> list[QuantConfig]:
-    """The study's configurations, goal rows first, no duplicates (weight-only rows have no calibration)."""
+    """The study's configurations, goal rows first, no duplicates (weight-only rows have no calibration, fp16
+    weights no granularity)."""
     kw = dict(calib_size=calib_size, adaround_iters=adaround_iters, seed=seed)
     pt = dict(granularity="per-tensor")
     rows = [recipe("FP32", **kw), recipe("W8A8", **kw),

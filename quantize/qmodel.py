@@ -55,6 +55,7 @@ class QLayer(nn.Module):
         target = cfg.target
         self.w_fq = (FakeQuant(target.weight, cfg.weight_observer, channels=c_out)
                      if target.weight is not None else None)
+        self.w_half = cfg.fp16_weights   # weights rounded to IEEE half (LiteRT's fp16 storage), no integer grid
         self.out_fq = _act_quant(cfg)
         self.bias_spec = target.bias  # None: the bias stays float (no integer accumulator to add it to)
         self.bn_frozen = False
@@ -73,7 +74,9 @@ class QLayer(nn.Module):
 
     def quant_weight(self, w: torch.Tensor) -> torch.Tensor:
         if self.w_fq is None:
-            return w
+            if not self.w_half:
+                return w
+            return w + (w.half().to(w.dtype) - w).detach()   # value: the half-rounded weight; gradient straight
         if not self.w_fq.frozen:  # weight ranges follow the current weight, never a running history
             self.w_fq.observer.reset()
             self.w_fq.fake_quant = True
@@ -284,6 +287,6 @@ def weight_bytes(qm: QMobileNet) -> int:
     """Bytes of conv/linear weights at the configured width (bits * count / 8), biases at 32 bits."""
     total_bits = 0
     for layer in qlayers(qm).values():
-        bits = layer.w_fq.spec.bits if layer.w_fq is not None else 32
+        bits = layer.w_fq.spec.bits if layer.w_fq is not None else 16 if layer.w_half else 32
         total_bits += layer.op.weight.numel() * bits + layer.op.weight.shape[0] * 32
     return total_bits // 8

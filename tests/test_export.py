@@ -45,6 +45,10 @@ def ckpts(tmp_path_factory, tiny_w8a8):
 
     for name in ("W8A32", "W8A16", "W4A8", "W16A32"):
         quantized(name, m, name)
+    qm = prepare(m, recipe("W16A32", w_format="int"))        # int16 codes: no LiteRT storage
+    freeze(qm)
+    out["W16A32 int"] = d / "w16a32_int.pt"
+    save_quantized(out["W16A32 int"], qm)
     pruned = build_model(tiny_config()).eval()
     pruned.load_state_dict(m.state_dict())
     with torch.no_grad():
@@ -189,6 +193,25 @@ def test_weight_only_w8a32(ckpts, tmp_path):
     assert rep["file_summary"]["constant_tensor_types"]["int8"] == 53
 
 
+def test_w16a32_fp16_weights(ckpts, tmp_path):
+    """W16A32 is LiteRT's 16-bit weight format: every conv / FC weight stored as float16 (the simulation's
+    half-rounded folded weight, compared value for value) behind a DEQUANTIZE, float compute; validated against
+    the simulation with the float gate, by XNNPACK and the builtin kernels."""
+    from quantize.qmodel import qlayers
+    path = tmp_path / "w16a32.tflite"
+    rc = _run(["--checkpoint", str(ckpts["W16A32"]), "--out", str(path), "--val-images", "16",
+               "--data", str(CIFAR_TGZ)])
+    assert rc == 0
+    rep = json.loads((tmp_path / "w16a32.tflite.json").read_text())
+    assert rep["export_kind"] == "fp16" and rep["graph"]["weights_stored_fp16"] == 53
+    v = rep["validation"]
+    assert v["passed"] and v["structure"]["weights_checked"] == 53 and not v["structure_problems"]
+    assert v["runs"]["builtin"]["passed"] and v["runs"]["xnnpack"]["agreement"] == 1.0
+    assert rep["file_summary"]["constant_tensor_types"]["float16"] == 53
+    n_weights = sum(layer.op.weight.numel() for layer in qlayers(ckpts["W16A32_qm"]).values())
+    assert path.stat().st_size < 4 * n_weights      # smaller than the float32 weights alone
+
+
 def test_w8a16_static_int16(ckpts, tmp_path):
     path = tmp_path / "w8a16.tflite"
     rc = _run(["--checkpoint", str(ckpts["W8A16"]), "--out", str(path), "--val-images", "16",
@@ -232,7 +255,7 @@ def test_w4a8_stored_as_int8_is_exact(ckpts, tmp_path):
     ("missing", [], "not found", 2),                  # an unusable input: 2, as every command
     ("fp32", ["--config", "W8A8"], "FP32 model", 2),  # a refused export is the user's to change: 2 as well
     ("W4A8", [], "4-bit weights are refused", 2),     # (only a file failing its validation exits with 1)
-    ("W16A32", [], "no int16 weight path", 2),
+    ("W16A32 int", [], "no int16 weight path", 2),
 ])
 def test_bad_inputs(ckpts, tmp_path, capsys, tag, argv, needle, code):
     ckpt = str(tmp_path / "nope.pt") if tag == "missing" else str(ckpts[tag])

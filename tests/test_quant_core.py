@@ -17,7 +17,7 @@ from quantize.config import QuantConfig
 from quantize.core import bias_codes, choose_qparams, dequantize, fake_quantize, quantize, quantize_bias
 from quantize.fakequant import FakeQuant
 from quantize.observers import MinMaxObserver, MSEObserver, PercentileObserver, make_observer
-from quantize.qmodel import calibrate, freeze, prepare, qlayers
+from quantize.qmodel import calibrate, freeze, prepare, qlayers, weight_bytes
 from quantize.spec import QSpec, activation_spec, bias_spec, check_bits, target, tflite_weight_axis, weight_spec
 
 
@@ -276,6 +276,30 @@ def test_unknown_config_and_granularity():
     with pytest.raises(ValueError, match="'imagenet'"):
         QuantConfig(calib="imagenet")
     assert recipe("w8a8", granularity="per-tensor").per_channel is False
+
+
+def test_fp16_weights_are_the_half_rounded_folded_weights(tiny_model):
+    """W16A32 (fp16): the simulation is the float model whose folded weights are rounded to IEEE half, exactly
+    (a half value is exact in float32, so the file's DEQUANTIZE gives these weights back bit for bit); its
+    weights cost 16 bits; fp16 is only a weight format of float-activation models."""
+    from mobilenet.fold import fold_model
+    q = recipe("W16A32")
+    assert q.fp16_weights and q.label == "W16A32 (fp16)" and q.target.weight is None
+    qm = freeze(prepare(tiny_model, q))
+    ref = fold_model(tiny_model).eval()
+    with torch.no_grad():
+        for mod in ref.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+                mod.weight.copy_(mod.weight.half().float())
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(qm(x), ref(x))
+        assert not torch.equal(qm(x), fold_model(tiny_model).eval()(x))     # the rounding is really there
+    n = sum(layer.op.weight.numel() for layer in qlayers(qm).values())
+    assert weight_bytes(qm) == (16 * n + 32 * sum(layer.op.weight.shape[0] for layer in qlayers(qm).values())) // 8
+    with pytest.raises(ValueError, match="fp16 weights are 16 bits with float activations"):
+        QuantConfig(w_bits=16, a_bits=8, w_format="fp16")
+    with pytest.raises(ValueError, match="'bf16'"):
+        QuantConfig(w_format="bf16")
 
 
 def test_checkpoint_of_another_model(tmp_path):
