@@ -20,6 +20,7 @@ from common.files import atomic_write_text
 from common import plots
 from prune import plots as prune_plots
 from bench.findings import compare_with_study, compute_findings
+from bench.peers import peer_blocks
 from bench.results import PRUNE_FILES, load_prune
 from common.matrix import read_matrix
 from common.provenance import read_meta
@@ -212,6 +213,7 @@ def build_blocks(cfg: ReportConfig, extra: list | None = None) -> list:
                ("table", ["claim", "earlier study", "ours (measured)", "counted as agreeing if", "verdict"],
                 [[c["claim"], c["study"], c["ours"], c["tolerance"], ("verdict", c["verdict"])]
                  for c in compare_with_study(rows)])]
+    blocks += peer_blocks(results)
     if rows:
         blocks += _matrix_tables(rows)
     else:
