@@ -310,8 +310,8 @@ dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; ba
 dl.kv dt { font-weight: 600; } dl.kv dd { margin: 0; overflow-wrap: anywhere; }
 .warn { background: #fff4e0; border-left: 4px solid #e08a2c; padding: 8px 12px; }
 .tag { padding: 1px 7px; border-radius: 10px; font-size: 12px; background: #eee; white-space: nowrap; }
-.tag.ok, .tag.agrees { background: #dff3e6; color: #1b6b3a; }
-.tag.refused, .tag.differs { background: #fff0d6; color: #8a5300; }
+.tag.ok, .tag.agrees, .tag.met { background: #dff3e6; color: #1b6b3a; }
+.tag.refused, .tag.differs, .tag[class*="missed"] { background: #fff0d6; color: #8a5300; }
 .tag.failed { background: #fde2e0; color: #9b1c13; } .tag.not-measured, .tag.skipped { color: #666; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 ul li { margin: 3px 0; max-width: 100ch; }
