@@ -62,6 +62,9 @@ class MatrixConfig:
     serial: str | None = field(default=None, metadata={"help": "phone serial (with --phone)"})
     benchmark_binary: str | None = field(default=None, metadata={"help": "benchmark_model for the phone"})
     prune_dir: str = field(default="", metadata={"help": "a pruning run directory to include in the report"})
+    peers: bool = field(default=False, metadata={
+        "help": "also make ai-edge-quantizer's file for every row it has a recipe for, from our FP32 file and the "
+                "same calibration images, and measure both files the same way (pip install -e .[peers])"})
     retime: int = field(default=0, metadata={
         "help": "time every exported file of the finished matrix again in N rounds, files interleaved, and "
                 "replace the host latency columns (for a matrix that ran on a busy machine); 0 = no"})
@@ -131,6 +134,25 @@ def _device(cfg: MatrixConfig, tfl: str, out: Path) -> dict:
     if not ok:
         return {}
     return {"device_ms": ok[0].get("inference_avg_ms"), "device": ok[0].get("device")}
+
+
+def _peers(cfg: MatrixConfig, rows, out: Path, dataset, eval_split, ref, model) -> None:
+    """AEQ's file beside ours for every exported row it has a recipe for (bench.peers)."""
+    from common.matrix import read_matrix
+    from quantize.ptq import calibration_images
+    from .peers import peer_recipe, run_peers
+    made = {row_key(r): r for r in read_matrix(out / "matrix.csv")}
+    fp32 = next((r["tflite"] for r in made.values() if r.get("method") == "fp32" and r.get("tflite")), None)
+    if fp32 is None:
+        print("peers: the matrix has no FP32 file to give ai-edge-quantizer; run it with FP32 among the rows")
+        return
+    pairs = []
+    for q, m in rows:
+        r = made.get(row_key(study_key(q, m)), {})
+        if peer_recipe(q, m) and r.get("export_status") == "ok":
+            pairs.append((q, " ".join(study_key(q, m).values()), r["tflite"]))
+    calib = calibration_images(dataset, QuantConfig(calib="real"), cfg.calib_size, model.cfg.input_size)
+    run_peers(pairs, fp32, calib, eval_split, ref, model.cfg.layout, out, cfg.host_runs)
 
 
 def load_all_modules():
@@ -243,6 +265,8 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
             if cfg.phone:
                 row.update(_device(cfg, row["tflite"], out))
         write_matrix_row(csv_path, row)
+    if cfg.peers:
+        _peers(cfg, rows, out, dataset, eval_split, ref, model)
     from .study_report import write_report
     md, html = write_report(out, prune_dir=cfg.prune_dir or None)
     print(f"wrote {csv_path}, {md} and {html}")

@@ -20,6 +20,7 @@ from common.files import atomic_write_text
 from common import plots
 from prune import plots as prune_plots
 from bench.findings import compare_with_study, compute_findings
+from bench.peers import peer_blocks
 from bench.results import PRUNE_FILES, load_prune
 from common.matrix import read_matrix
 from common.provenance import read_meta
@@ -212,6 +213,7 @@ def build_blocks(cfg: ReportConfig, extra: list | None = None) -> list:
                ("table", ["claim", "earlier study", "ours (measured)", "counted as agreeing if", "verdict"],
                 [[c["claim"], c["study"], c["ours"], c["tolerance"], ("verdict", c["verdict"])]
                  for c in compare_with_study(rows)])]
+    blocks += peer_blocks(results)
     if rows:
         blocks += _matrix_tables(rows)
     else:
@@ -308,8 +310,8 @@ dl.kv { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; ba
 dl.kv dt { font-weight: 600; } dl.kv dd { margin: 0; overflow-wrap: anywhere; }
 .warn { background: #fff4e0; border-left: 4px solid #e08a2c; padding: 8px 12px; }
 .tag { padding: 1px 7px; border-radius: 10px; font-size: 12px; background: #eee; white-space: nowrap; }
-.tag.ok, .tag.agrees { background: #dff3e6; color: #1b6b3a; }
-.tag.refused, .tag.differs { background: #fff0d6; color: #8a5300; }
+.tag.ok, .tag.agrees, .tag.met { background: #dff3e6; color: #1b6b3a; }
+.tag.refused, .tag.differs, .tag[class*="missed"] { background: #fff0d6; color: #8a5300; }
 .tag.failed { background: #fde2e0; color: #9b1c13; } .tag.not-measured, .tag.skipped { color: #666; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 ul li { margin: 3px 0; max-width: 100ch; }

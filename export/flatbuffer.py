@@ -12,6 +12,8 @@ verifies the bytes first (export.tflite_file), since the object API follows ever
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils as fbu
@@ -111,7 +113,8 @@ def weights_to_fp16(model: schema.ModelT) -> int:
     stored."""
     sg = model.subgraphs[0]
     dq = _opcode_index(model, BuiltinOperator.DEQUANTIZE, DEQUANTIZE_FP16_VERSION)
-    head, done, old = [], set(), set()
+    readers = Counter(t.buffer for g in model.subgraphs for t in g.tensors)
+    head, done = [], set()
     for op in sg.operators:
         if _code(model, op) not in _WEIGHTED or op.inputs[1] in done:
             continue
@@ -126,17 +129,17 @@ def weights_to_fp16(model: schema.ModelT) -> int:
             raise ValueError(f"weight {w.name!r} holds values that float16 cannot hold exactly: the model's weights "
                              "must be rounded to half precision before export")
         t = schema.TensorT()
-        t.shape, t.type, t.buffer = list(w.shape), TensorType.FLOAT16, _new_buffer(model, half.tobytes())
-        t.name = (w.name.decode() if isinstance(w.name, bytes) else (w.name or "")) + "_fp16"
+        t.shape, t.type, t.name = list(w.shape), TensorType.FLOAT16, w.name
+        if readers[w.buffer] == 1:              # the float32 copy leaves the file: its buffer takes the halves
+            model.buffers[w.buffer].data = np.frombuffer(half.tobytes(), dtype=np.uint8).copy()
+            t.buffer = w.buffer
+        else:                                   # another tensor reads the float32 values: keep them
+            t.buffer = _new_buffer(model, half.tobytes())
+        w.buffer = 0                            # no data (buffer 0 is the schema's empty one): DEQUANTIZE writes it
         sg.tensors.append(t)
-        old.add(w.buffer)
-        w.buffer = _new_buffer(model)           # no data: DEQUANTIZE writes the float32 weight at load
         head.append(_op(dq, [len(sg.tensors) - 1], [w_idx]))
         done.add(w_idx)
     sg.operators = head + list(sg.operators)
-    used = {t.buffer for g in model.subgraphs for t in g.tensors}
-    for b in old - used:                        # the float32 copies leave the file (unless another tensor reads one)
-        model.buffers[b].data = None
     return len(head)
 
 

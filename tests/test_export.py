@@ -33,7 +33,8 @@ def ckpts(tmp_path_factory, tiny_w8a8):
     from quantize.io import save_quantized
     d = tmp_path_factory.mktemp("export")
     m, xs = tiny_w8a8["model"], tiny_w8a8["calib"]
-    out = {"dir": d, "model": m, "fp32": tiny_w8a8["fp32"], "W8A8": tiny_w8a8["W8A8"], "W8A8_qm": tiny_w8a8["qm"]}
+    out = {"dir": d, "model": m, "fp32": tiny_w8a8["fp32"], "W8A8": tiny_w8a8["W8A8"], "W8A8_qm": tiny_w8a8["qm"],
+           "calib": xs}
 
     def quantized(name, model, tag):
         qm = prepare(model, recipe(name))
@@ -146,12 +147,18 @@ def test_corrupted_scale_is_caught(w8a8, ckpts, tmp_path, monkeypatch, capsys):
     assert not out.exists() and not list(tmp_path.glob("*.tmp")) and not (tmp_path / "bad.tflite.json").exists()
 
 
-def test_fp32_export_matches_pytorch(ckpts, tmp_path):
-    from export.validate import interpreter
-    path = tmp_path / "fp32.tflite"
+@pytest.fixture(scope="module")
+def fp32_file(ckpts, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp32") / "fp32.tflite"
     rc = _run(["--checkpoint", str(ckpts["fp32"]), "--out", str(path), "--val-images", "16",
                "--data", str(CIFAR_TGZ), "--skip-builtin"])
     assert rc == 0
+    return path
+
+
+def test_fp32_export_matches_pytorch(ckpts, fp32_file):
+    from export.validate import interpreter
+    path = fp32_file
     it = interpreter(path.read_bytes(), "xnnpack")
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     assert inp["dtype"] == np.float32
@@ -164,6 +171,43 @@ def test_fp32_export_matches_pytorch(ckpts, tmp_path):
         it.invoke()
         # float32 sums in another order over 52 layers: 1e-5 relative to the logit scale
         assert np.abs(it.get_tensor(out["index"]) - ref[i:i + 1].numpy()).max() <= 1e-5 * max(1.0, ref.abs().max())
+
+
+def test_aeq_peer_beside_ours(ckpts, fp32_file, w8a8, cifar_small, tmp_path):
+    """bench.peers with the real ai-edge-quantizer: its static_wi8_ai8 file made from our FP32 file and the same
+    calibration images, both files run by one function (file_logits), the pair written once and not redone."""
+    import csv
+    from bench.peers import _aeq_file, file_logits, run_peers
+    from export.validate import interpreter, run_file
+    from mobilenet.data import BatchLoader
+    from mobilenet.engine import predict
+    from quantize.core import dequantize
+    split = cifar_small.test.subset(torch.arange(0, 256, 8))                       # 32 images, every class
+    ref = predict(ckpts["model"], split, "cifar", disable_bar=True)
+    calib = torch.cat(ckpts["calib"])[:32]
+    qm = ckpts["W8A8_qm"]
+    # the integer-io path of file_logits is the validated file run, dequantized: exactly
+    xs, _ = next(iter(BatchLoader(split, len(split), "cifar")))
+    fq = qm.classifier.out_fq
+    codes = run_file(w8a8[0].read_bytes(), qm, xs)
+    assert torch.equal(file_logits(w8a8[0], split, "cifar"), dequantize(codes, fq.scale, fq.zero_point).float())
+    csv_path = run_peers([(qm.qcfg, "W8A8 per-channel real rtn", str(w8a8[0]))], str(fp32_file), calib, split,
+                         ref, "cifar", tmp_path, host_runs=3, rounds=2)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [(r["config"], r["aeq_recipe"], r["eval_images"]) for r in rows] == \
+           [("W8A8 per-channel real rtn", "static_wi8_ai8", "32")]
+    r = rows[0]
+    assert int(r["ours_bytes"]) == w8a8[0].stat().st_size and int(r["aeq_bytes"]) > 0
+    assert float(r["ours_host_ms"]) > 0 and float(r["aeq_host_ms"]) > 0 and r["snr_goal"] in ("met", "missed")
+    aeq = tmp_path / "peers" / "w8a8_aeq.tflite"
+    mtime = aeq.stat().st_mtime_ns
+    run_peers([(qm.qcfg, "W8A8 per-channel real rtn", str(w8a8[0]))], str(fp32_file), calib, split, ref, "cifar",
+              tmp_path, host_runs=3, rounds=2)
+    assert aeq.stat().st_mtime_ns == mtime                                          # resumed: not made again
+    # AEQ's fp16 recipe stores every conv / FC weight as float16, like ours
+    it = interpreter(_aeq_file(fp32_file, "fp16 float casting", None))
+    kinds = [d["dtype"] for d in it.get_tensor_details()]
+    assert sum(k == np.float16 for k in kinds) == 53
 
 
 def test_pruned_zeros_stay_zeros_float_io_nhwc(ckpts, w8a8, tmp_path):
