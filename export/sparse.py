@@ -100,7 +100,7 @@ def best_order(dense: np.ndarray) -> tuple[list[int], int]:
 
 def _sparsity(shape, order, segments: np.ndarray, indices: np.ndarray) -> schema.SparsityParametersT:
     sp = schema.SparsityParametersT()
-    sp.traversalOrder, sp.blockMap, sp.dimMetadata = list(order), [], []
+    sp.traversalOrder, sp.dimMetadata = list(order), []      # no block map: no blocks
     for d in order[:-1]:
         dm = schema.DimensionMetadataT()
         dm.format, dm.denseSize = schema.DimensionType.DENSE, int(shape[d])
@@ -218,6 +218,16 @@ def sparsify(model: schema.ModelT, storage: str) -> dict:
     return note
 
 
+def _empty_buffer(model: schema.ModelT) -> int:
+    """Buffer 0, the schema's empty sentinel, which every tensor without constant data names; a new one if a
+    file breaks that convention."""
+    b = model.buffers[0]
+    if b.data is None and not b.offset:
+        return 0
+    model.buffers.append(schema.BufferT())
+    return len(model.buffers) - 1
+
+
 def _densify_op(model: schema.ModelT, sg: schema.SubGraphT, w: int, dense: np.ndarray, order) -> schema.OperatorT:
     """Move weight tensor w's values into a new sparse constant (traversed in `order`) and return the DENSIFY op
     that writes w."""
@@ -229,14 +239,12 @@ def _densify_op(model: schema.ModelT, sg: schema.SubGraphT, w: int, dense: np.nd
     # int64 zero-point). Measured with ai_edge_litert 2.3.0: outputs bit-identical to the dense file's, XNNPACK
     # and builtin kernels alike, with or without it.
     s.shape, s.type = list(t.shape), t.type
-    s.name = (t.name.decode() if isinstance(t.name, bytes) else (t.name or "")) + "_sparse"
+    s.name = f"{w}_csr"                   # the weight tensor keeps its own name; converter names run ~190 bytes
     s.sparsity = _sparsity(dense.shape, order, segments, indices)
     s.buffer = t.buffer                                  # the weight's own buffer, now holding only the values
     model.buffers[t.buffer].data = np.frombuffer(values.astype(values.dtype.newbyteorder("<")).tobytes(),
                                                  dtype=np.uint8).copy()
-    empty = schema.BufferT()
-    model.buffers.append(empty)
-    t.buffer = len(model.buffers) - 1                    # written at run time by DENSIFY
+    t.buffer = _empty_buffer(model)       # written at run time by DENSIFY
     sg.tensors.append(s)
     op = schema.OperatorT()
     op.opcodeIndex = _opcode_index(model, schema.BuiltinOperator.DENSIFY)
