@@ -2,8 +2,8 @@
 interpreter, and the verifier's checks of the sparsity tables.
 
 Time: one litert-torch conversion of a tiny pruned W8A8 MobileNetV2 (~15-25 s on the shared CPU) serves both of
-its exports (the slow conversion is cached, the edits and the validation run twice); the rest edits the tiny
-files that tests/bench_fixtures.py converts once per session for other modules.
+its files (the sparse one through python -m export and its validation, the dense one from the cached conversion);
+the rest edits the tiny files that tests/bench_fixtures.py converts once per session for other modules.
 """
 from __future__ import annotations
 
@@ -181,41 +181,40 @@ def pruned(tmp_path_factory, cifar_small):
 
 @pytest.fixture(scope="module")
 def exports(pruned, tmp_path_factory):
-    """python -m export --weights-storage sparse / dense on the pruned model: {storage: (file, report)}. The
-    litert-torch conversion is made once for both; the edits, the validation and the report run for each."""
+    """(sparse file and its report from python -m export --weights-storage sparse, dense file of the same model).
+    One litert-torch conversion serves both: the dense file is that conversion with our usual edits (export.convert,
+    validated as such by tests/test_export.py), the sparse one the full command with its validation."""
     import importlib
     from export.__main__ import main
     convert = importlib.import_module("export.convert")   # the package itself exports a function of that name
-    path, _ = pruned
+    path, qm = pruned
     d = tmp_path_factory.mktemp("exports")
-    real, cache, out = convert.litert_bytes, {}, {}
+    real, cache = convert.litert_bytes, {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(convert, "litert_bytes", lambda *a: cache.setdefault(a[1:], real(*a)))
-        for storage in ("sparse", "dense"):
-            f = d / f"{storage}.tflite"
-            skip = ["--skip-builtin"] if storage == "dense" else []    # the dense path is test_export.py's
-            assert main(["--checkpoint", str(path), "--out", str(f), "--val-images", VAL, "--data", str(CIFAR_TGZ),
-                         "--weights-storage", storage] + skip) == 0
-            out[storage] = f, json.loads((d / f"{storage}.tflite.json").read_text())
+        f = d / "sparse.tflite"
+        assert main(["--checkpoint", str(path), "--out", str(f), "--val-images", VAL, "--data", str(CIFAR_TGZ),
+                     "--weights-storage", "sparse"]) == 0
+        dense = d / "dense.tflite"
+        dense.write_bytes(convert.convert(qm, "int8", weights_storage="dense")[0])
     assert len(cache) == 1
-    return out
+    return f, json.loads((d / "sparse.tflite.json").read_text()), dense
 
 
 def test_pruned_int8_export_sparse_and_dense(exports, pruned, cifar_small):
-    """Both files validated bit for bit against the integer simulation (XNNPACK gating; builtin reported, for the
-    sparse file), the sparse one smaller, their outputs identical under both kernels."""
+    """The sparse file validated bit for bit against the integer simulation (XNNPACK gating, builtin reported),
+    smaller than the dense one, their outputs identical under both kernels."""
     from export.validate import run_file
     from mobilenet.data import BatchLoader
-    for storage, (_, rep) in exports.items():
-        v = rep["validation"]
-        assert v["passed"] and v["structure_problems"] == [] and v["structure"]["weights_checked"] == 53
-        for kernels in ("xnnpack", "builtin") if storage == "sparse" else ("xnnpack",):
-            assert v["runs"][kernels]["max_lsb"] == 0 and v["runs"][kernels]["n"] == int(VAL), kernels
-        assert rep["weights"]["zeros_match"]
-        n_sparse = rep["file_summary"]["sparse_weights"]
-        assert n_sparse == v["structure"]["sparse_weights"] == rep["graph"]["weights"]["sparse_weights"]
-        assert (n_sparse >= 35) == (storage == "sparse")       # the pruned convs; the classifier stays dense
-    sparse, dense = exports["sparse"][0], exports["dense"][0]
+    sparse, rep, dense = exports
+    v = rep["validation"]
+    assert v["passed"] and v["structure_problems"] == [] and v["structure"]["weights_checked"] == 53
+    for kernels in ("xnnpack", "builtin"):
+        assert v["runs"][kernels]["max_lsb"] == 0 and v["runs"][kernels]["n"] == int(VAL), kernels
+    assert rep["weights"]["zeros_match"]
+    n_sparse = rep["file_summary"]["sparse_weights"]
+    assert n_sparse == v["structure"]["sparse_weights"] == rep["graph"]["weights"]["sparse_weights"] >= 35
+    assert "DENSIFY" not in [op["op_name"] for op in interpreter(dense.read_bytes())._get_ops_details()]
     assert sparse.stat().st_size < dense.stat().st_size   # tiny: per-channel scales are much of the file
     x, _ = next(iter(BatchLoader(cifar_small.test.subset(torch.arange(8)), 8)))
     for kernels in ("xnnpack", "builtin"):
@@ -226,7 +225,7 @@ def test_pruned_int8_export_sparse_and_dense(exports, pruned, cifar_small):
 def test_a_wrong_sparse_code_is_caught(exports, pruned):
     """One stored non-zero code changed in a sparse weight: the structure check (decoding the CSR) names it."""
     from export.validate import check_structure
-    model = fb.read(exports["sparse"][0].read_bytes())
+    model = fb.read(exports[0].read_bytes())
     t = next(t for t in model.subgraphs[0].tensors if t.sparsity is not None)
     model.buffers[t.buffer].data[0] ^= 1
     problems, _ = check_structure(fb.write(model), pruned[1], "int8", False)
