@@ -32,9 +32,11 @@ from quantize.graph import link_inputs
 from quantize.qmodel import QMobileNet, calibrate, freeze, qlayers
 
 from . import flatbuffer as fb
+from . import sparse
 from .qdq import QDQMobileNet
 
-__all__ = ["ExportError", "export_kind", "static_int16", "convert", "KINDS"]
+__all__ = ["ExportError", "export_kind", "check_storage", "static_int16", "litert_bytes", "convert",
+           "KINDS"]
 
 KINDS = ("fp32", "fp16", "weight-only", "int8", "int16")
 
@@ -107,28 +109,49 @@ def _quantizer():
     return LiteQuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(get_symmetric_quantization_config()))
 
 
-def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = False) -> tuple[bytes, dict]:
-    """The .tflite bytes of `qm` (frozen) as `kind`, batch 1. Returns (bytes, notes on what was edited)."""
+def check_storage(kind: str, storage: str) -> str:
+    """The weight storage `kind` gets when `storage` is asked for, or ExportError: sparse weights (CSR + DENSIFY)
+    only in FP32 and INT8 files, whose convs read their weights directly; auto keeps the others dense."""
+    if storage not in sparse.STORAGES:
+        raise ExportError(f"--weights-storage should be one of {', '.join(sparse.STORAGES)} instead of {storage!r}")
+    if kind in sparse.SPARSE_KINDS or storage != "sparse":
+        return storage if kind in sparse.SPARSE_KINDS else "dense"
+    raise ExportError(f"--weights-storage sparse: {kind} files keep dense weights (sparse storage is made for "
+                      f"{' and '.join(sparse.SPARSE_KINDS)} files)")
+
+
+def litert_bytes(qm: QMobileNet, kind: str, nhwc: bool) -> bytes:
+    """What litert-torch makes of `qm` (frozen) as `kind`, batch 1, before any edit of ours (the slow part)."""
     import litert_torch
-    if kind not in KINDS:
-        raise ExportError(f"unknown export kind {kind!r}; expected one of {KINDS}")
     module = QDQMobileNet(qm, nhwc=nhwc).eval()
     size = qm.model_cfg.input_size
     x = torch.zeros(1, size, size, 3) if nhwc else torch.zeros(1, 3, size, size)  # batch 1, fixed by export
     quant_config = None if kind in ("fp32", "fp16") else _quantizer()
-    data = bytes(litert_torch.convert(module, (x,), quant_config=quant_config).model_content())
+    return bytes(litert_torch.convert(module, (x,), quant_config=quant_config).model_content())
+
+
+def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = False,
+            weights_storage: str = "dense") -> tuple[bytes, dict]:
+    """The .tflite bytes of `qm` (frozen) as `kind`, batch 1, conv weights stored as `weights_storage` says
+    (export/sparse.py). Returns (bytes, notes on what was edited)."""
+    if kind not in KINDS:
+        raise ExportError(f"unknown export kind {kind!r}; expected one of {KINDS}")
+    storage = check_storage(kind, weights_storage)
+    data = litert_bytes(qm, kind, nhwc)
     float_io = float_io or kind in ("fp32", "fp16", "weight-only")  # float graphs have float io anyway
     notes = {"batch": 1, "layout": "NHWC" if nhwc else "NCHW", "float_io": float_io}
     if kind == "fp16":
         model = fb.read(data)
         notes["weights_stored_fp16"] = fb.weights_to_fp16(model)
         data = fb.write(model)
-    if kind in ("int8", "int16"):
+    if kind in ("int8", "int16") or storage != "dense":
         model = fb.read(data)
         if kind == "int16":
             codes = [layer.bias_codes().numpy() for layer in qlayers(qm).values()]
             notes["biases_rewritten_int64"] = fb.biases_to_int64(model, codes)
-        if float_io:
+        if float_io and kind in ("int8", "int16"):
             fb.add_float_io(model)
-        data = fb.write(model)
+        notes["weights"] = sparse.sparsify(model, storage)
+        if kind in ("int8", "int16") or notes["weights"]["sparse_weights"]:   # float files: bytes as converted
+            data = fb.write(model)
     return data, notes

@@ -5,7 +5,8 @@
           frozen simulation; an FP32 / pruned one is exported as FP32 only
     2     decide the file kind from the quant config, or refuse (never another precision)
     3     W8A16: calibrate static int16 ranges (the simulation's are dynamic; LiteRT's int16 path is static)
-    4     convert (batch 1) and apply the flatbuffer edits; write to a temporary file beside --out
+    4     convert (batch 1) and apply the flatbuffer edits (float io, int64 biases, sparse weights where they
+          save bytes); write to a temporary file beside --out
     5     validate the temporary file: structure, then N test images through the file (XNNPACK gates; builtin
           kernels reported too) and through the simulation
     6     rename it to --out and write <out>.json; on any failure delete it and raise ExportError
@@ -30,7 +31,7 @@ from quantize.io import load_quantized
 from quantize.qmodel import prepare
 
 from . import validate as V
-from .convert import ExportError, convert, export_kind, static_int16
+from .convert import ExportError, check_storage, convert, export_kind, static_int16
 from .report import file_summary, gzip_size, zero_weights
 from .tflite_file import read_tflite
 
@@ -50,6 +51,9 @@ class ExportConfig:
     nhwc: bool = opt(False, "input (1, H, W, 3) instead of (1, 3, H, W) (no TRANSPOSE at the input)")
     w4_storage: str | None = opt(None, "'int8': export 4-bit weights as int8 values in [-7, 7] (runs exactly, no "
                                        "size gain)")
+    weights_storage: str = opt("auto", "conv weights of FP32 and INT8 files: auto (CSR + DENSIFY op per weight "
+                                       "wherever that takes fewer bytes: pruned models) | sparse (every weight "
+                                       "with a zero) | dense")
     val_images: int = opt(1000, VAL_IMAGES_HELP + " (class-stratified, as --eval-images)")
     resolution: int | None = opt(None, RESOLUTION_HELP + "; the file's input is (1, 3, N, N)")
     calib_images: int = opt(256, "W8A16: calibration images for the static int16 ranges")
@@ -153,6 +157,7 @@ def run_export(cfg: ExportConfig) -> dict:
         raise ExportError(f"{ckpt_path} holds a {qcfg.name} model, not {cfg.config}")
     out = Path(cfg.out or ckpt_path.with_name(f"model_{qcfg.name.lower()}.tflite"))
     kind = export_kind(qcfg, cfg.w4_storage)                                          # 2
+    check_storage(kind, cfg.weights_storage)
     layout, res = qm.model_cfg.layout, qm.model_cfg.input_size
     x, y = _images(cfg, layout, res, cfg.val_images, "test")
     dynamic_qm = None
@@ -162,7 +167,8 @@ def run_export(cfg: ExportConfig) -> dict:
         qm = static_int16(qm, [cx[i:i + 128] for i in range(0, len(cx), 128)])
 
     t0 = time.perf_counter()
-    data, notes = convert(qm, kind, float_io=cfg.float_io, nhwc=cfg.nhwc)             # 4
+    data, notes = convert(qm, kind, float_io=cfg.float_io, nhwc=cfg.nhwc,               # 4
+                          weights_storage=cfg.weights_storage)
     convert_s = time.perf_counter() - t0
     with atomic_file(out) as tmp:           # renamed to --out only if the block ends without an exception (6)
         tmp.write_bytes(data)

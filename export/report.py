@@ -4,16 +4,15 @@ from __future__ import annotations
 import gzip
 from collections import Counter
 
-import numpy as np
 import torch
 
 from quantize.qmodel import QMobileNet, qlayers
 
+from . import flatbuffer as fb
+from .sparse import stored_weights
 from .validate import interpreter
 
 __all__ = ["file_summary", "gzip_size", "zero_weights"]
-
-_WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
 def gzip_size(data: bytes) -> int:
@@ -23,12 +22,16 @@ def gzip_size(data: bytes) -> int:
 
 def file_summary(data: bytes) -> dict:
     """Size, gzip size, op counts (in graph order of first appearance), and tensor dtypes split into constants
-    (weights, biases, shapes) and activations (everything an op writes, plus the inputs)."""
+    (weights, biases, shapes) and activations (everything an op writes, plus the inputs). A sparse weight counts
+    once, as the constant its DENSIFY op writes."""
     it = interpreter(data, "builtin")
     ops = it._get_ops_details()
     td = {d["index"]: d for d in it.get_tensor_details()}
-    written = {o for op in ops for o in op["outputs"]} | {d["index"] for d in it.get_input_details()}
-    const_types = Counter(td[i]["dtype"].__name__ for i in td if i not in written)
+    densify = [op for op in ops if op["op_name"] == "DENSIFY"]
+    sparse_in = {i for op in densify for i in op["inputs"]}
+    written = {o for op in ops if op["op_name"] != "DENSIFY" for o in op["outputs"]} | \
+        {d["index"] for d in it.get_input_details()}
+    const_types = Counter(td[i]["dtype"].__name__ for i in td if i not in written and i not in sparse_in)
     act_types = Counter(td[i]["dtype"].__name__ for i in td if i in written)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     return {
@@ -36,6 +39,7 @@ def file_summary(data: bytes) -> dict:
         "gzip_bytes": gzip_size(data),
         "ops": dict(Counter(op["op_name"] for op in ops)),
         "n_ops": len(ops),
+        "sparse_weights": len(densify),
         "constant_tensor_types": dict(const_types),
         "activation_tensor_types": dict(act_types),
         "input": {"dtype": inp["dtype"].__name__, "shape": inp["shape"].tolist(),
@@ -45,25 +49,11 @@ def file_summary(data: bytes) -> dict:
     }
 
 
-def _weight_tensors(it) -> list[np.ndarray]:
-    ops = it._get_ops_details()
-    producer = {o: op for op in ops for o in op["outputs"]}
-    out = []
-    for op in ops:
-        if op["op_name"] in _WEIGHTED:
-            w = op["inputs"][1]
-            if w in producer and producer[w]["op_name"] == "DEQUANTIZE":
-                w = producer[w]["inputs"][0]
-            out.append(it.get_tensor(w))
-    return out
-
-
 @torch.no_grad()
 def zero_weights(data: bytes, qm: QMobileNet) -> dict:
     """Zero weights in the file against ours: exact zeros of the folded float weights (pruned), and zero codes.
     Pruned zeros must stay zeros: every zero float weight must be a zero in the file."""
-    it = interpreter(data, "builtin")
-    file_w = _weight_tensors(it)
+    file_w = [values for _, _, values in stored_weights(fb.read(data))]   # sparse ones decoded from CSR
     file_zeros = int(sum(int((w == 0).sum()) for w in file_w))
     total = int(sum(w.size for w in file_w))
     ours_codes = ours_float = 0

@@ -16,6 +16,10 @@ that the edits and the interpreter follow:
     tensor, metadata -> buffer; operator -> opcode and tensors;    indices the edits and the interpreter use
       subgraph io and signatures -> tensors; data kept after the
       flatbuffer (by offset) inside the file
+    a sparse tensor's tables (traversal order, block map, dense    DENSIFY and the sparse kernels index the
+      sizes, CSR row pointers and column indices) consistent       values and the dense output with them,
+      with its shape and with the number of values its buffer      unchecked (export/sparse.py writes them)
+      holds
 
 Which field of which table is a scalar (of which width), a string, a vector (of what) or a table (of which
 type), and which tables a union holds, is read from the generated schema module (ai_edge_litert's
@@ -30,6 +34,7 @@ import struct
 from pathlib import Path
 
 import flatbuffers
+import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 __all__ = ["TfliteError", "verify", "read_tflite", "IDENTIFIER"]
@@ -218,6 +223,9 @@ def _check_indices(buf: bytes, walk: _Walk):
         for t in range(n_t):
             if not 0 <= sg.Tensors(t).Buffer() < n_buf:
                 walk.fail(f"tensor {t} of subgraph {s} names buffer {sg.Tensors(t).Buffer()} of {n_buf}")
+            if sg.Tensors(t).Sparsity() is not None:
+                _check_sparsity(sg.Tensors(t), model.Buffers(sg.Tensors(t).Buffer()), f"tensor {t} of subgraph {s}",
+                                walk)
         io = [sg.Inputs(i) for i in range(sg.InputsLength())] + [sg.Outputs(i) for i in range(sg.OutputsLength())]
         if any(not 0 <= i < n_t for i in io):
             walk.fail(f"the inputs / outputs of subgraph {s} name tensors outside its {n_t}")
@@ -237,6 +245,78 @@ def _check_indices(buf: bytes, walk: _Walk):
         maps = [sig.Inputs(i) for i in range(sig.InputsLength())] + [sig.Outputs(i) for i in range(sig.OutputsLength())]
         if any(not 0 <= tm.TensorIndex() < n_tensors[sig.SubgraphIndex()] for tm in maps):
             walk.fail(f"signature {d} names tensors outside subgraph {sig.SubgraphIndex()}")
+
+
+_VALUE_BYTES = {schema.TensorType.FLOAT32: 4, schema.TensorType.FLOAT16: 2, schema.TensorType.INT8: 1,
+                schema.TensorType.UINT8: 1}
+_INDEX_VECTORS = {schema.SparseIndexVector.Int32Vector: schema.Int32Vector,
+                  schema.SparseIndexVector.Uint16Vector: schema.Uint16Vector,
+                  schema.SparseIndexVector.Uint8Vector: schema.Uint8Vector}
+
+
+def _as_list(a) -> list[int]:
+    return [] if isinstance(a, int) else [int(v) for v in a]       # the reader gives 0 for an absent vector
+
+
+def _index_vector(kind: int, table) -> np.ndarray | None:
+    if kind not in _INDEX_VECTORS or table is None:
+        return None
+    v = _INDEX_VECTORS[kind]()
+    v.Init(table.Bytes, table.Pos)
+    a = v.ValuesAsNumpy()
+    return np.zeros(0, np.int64) if isinstance(a, int) else a.astype(np.int64)
+
+
+def _level_sizes(t, sp, dims, fail) -> list[int]:
+    """Size of each dimension of the traversal: the tensor's dims (divided by their block size where blocked),
+    then one per block (its dense size)."""
+    shape, order, block_map = _as_list(t.ShapeAsNumpy()), _as_list(sp.TraversalOrderAsNumpy()), \
+        _as_list(sp.BlockMapAsNumpy())
+    n, k = len(shape), len(block_map)
+    if sorted(order) != list(range(n + k)) or len(dims) != n + k or sorted(set(block_map)) != sorted(block_map) \
+            or any(not 0 <= d < n for d in block_map) or any(d <= 0 for d in shape):
+        fail(f"traversal order {order}, block map {block_map} and {len(dims)} dimensions for shape {shape}")
+    sizes = list(shape)
+    for j, d in enumerate(block_map):
+        b = dims[order.index(n + j)].DenseSize()
+        if b <= 0 or shape[d] % b:
+            fail(f"block size {b} for a dimension of {shape[d]}")
+        sizes[d] //= b
+        sizes.append(b)
+    return [sizes[d] for d in order]
+
+
+def _check_sparsity(t, buffer, what: str, walk: _Walk):
+    """The sparse tensor's tables against its shape, level by level (FormatConverter's traversal), and the number
+    of values they address against its buffer's size."""
+    def fail(msg: str):
+        walk.fail(f"{what}: sparsity: {msg}")
+
+    sp = t.Sparsity()
+    dims = [sp.DimMetadata(i) for i in range(sp.DimMetadataLength())]
+    count = 1                                       # nodes at the current level of the traversal
+    for i, (dm, size) in enumerate(zip(dims, _level_sizes(t, sp, dims, fail))):
+        if dm.Format() == schema.DimensionType.DENSE:
+            if dm.DenseSize() != size:
+                fail(f"level {i} is dense with size {dm.DenseSize()}, not {size}")
+            count *= size
+            continue
+        seg = _index_vector(dm.ArraySegmentsType(), dm.ArraySegments())
+        idx = _index_vector(dm.ArrayIndicesType(), dm.ArrayIndices())
+        if dm.Format() != schema.DimensionType.SPARSE_CSR or seg is None or idx is None:
+            fail(f"level {i} is neither dense nor CSR with row pointers and indices")
+        if len(seg) != count + 1 or seg[0] != 0 or np.any(np.diff(seg) < 0) or seg[-1] != len(idx):
+            fail(f"level {i}: {len(seg)} row pointers for {count} rows are not a non-decreasing run from 0 to "
+                 f"its {len(idx)} indices")
+        if len(idx) and (idx.min() < 0 or idx.max() >= size):
+            fail(f"level {i}: index {int(idx.max() if idx.max() >= size else idx.min())} outside 0..{size - 1}")
+        count = len(idx)
+    width = _VALUE_BYTES.get(t.Type())
+    if width is None:
+        fail(f"values of type {t.Type()}")
+    stored = buffer.Size() if buffer.Offset() else buffer.DataLength()
+    if stored != count * width:
+        fail(f"the tables address {count} values of {width} bytes, the buffer holds {stored} bytes")
 
 
 def verify(data: bytes, where: str = "the model"):

@@ -3,7 +3,9 @@
 Two parts, both on the bytes before they are kept:
 
 1. structure (`check_structure`): every conv / FC weight has the integer type, scales, zero-points (0) and codes
-   of our weight quantizer, on the channel axis LiteRT expects (conv/FC: 0, depthwise [1, kh, kw, C]: 3); biases
+   of our weight quantizer, on the channel axis LiteRT expects (conv/FC: 0, depthwise [1, kh, kw, C]: 3); a
+   weight stored sparse (CSR constant -> DENSIFY -> conv, export/sparse.py) is decoded from the file's tables
+   here and compared the same way, its scales read where the conv reads them (the DENSIFY output); biases
    hold our integers (int32; int64 with int16 activations) at s_in * s_w. What is expected is read from the
    quantizers' specs (quantize/spec.py), never restated here. An integer graph has no float tensor and no
    QUANTIZE, DEQUANTIZE or TRANSPOSE inside (edge ops allowed: the float-io QUANTIZE / DEQUANTIZE and the NCHW
@@ -34,6 +36,9 @@ from quantize.core import bias_scale, dequantize, quantize
 from quantize.fakequant import FakeQuant
 from quantize.qmodel import QMobileNet, qlayers, quant_points
 from quantize.spec import tflite_weight_axis
+
+from . import flatbuffer as fb
+from .sparse import stored_weights
 
 __all__ = ["interpreter", "check_structure", "run_file", "sim_outputs", "int_sim_outputs", "compare_codes",
            "compare_float",
@@ -92,9 +97,11 @@ def _act_qparams(qm: QMobileNet) -> set[tuple[float, int]]:
 
 
 class _File:
-    """The interpreter's view of a file: tensors by index, ops, which op writes each tensor, graph io."""
+    """The interpreter's view of a file: tensors by index, ops, which op writes each tensor, graph io; and each
+    conv / FC weight's values as stored (decoded from CSR when sparse: before a run a DENSIFY output is empty)."""
 
     def __init__(self, data: bytes):
+        self.stored = {w: (src, values) for w, src, values in stored_weights(fb.read(data))}
         self.it = it = interpreter(data, "builtin")
         self.td = {d["index"]: d for d in it.get_tensor_details()}
         self.ops = it._get_ops_details()
@@ -107,10 +114,13 @@ def _check_weight(f: _File, op: dict, name: str, ours: dict, kind: str) -> tuple
     """The weight of one conv / FC op against ours: values (float files) or dtype, scales, zero-points, axis, codes.
     Returns (problems, whether the weight was compared: not when it has the wrong type)."""
     w_idx = op["inputs"][1]
-    if kind in ("weight-only", "fp16") and w_idx in f.producer and f.producer[w_idx]["op_name"] == "DEQUANTIZE":
-        w_idx = f.producer[w_idx]["inputs"][0]
-    wt, got = f.td[w_idx], f.it.get_tensor(w_idx)
-    if "codes" not in ours:  # float weights (FP32 or fp16)
+    src, got = f.stored[w_idx]
+    writer = f.producer[w_idx]["op_name"] if w_idx in f.producer else None
+    wt = f.td[src if writer == "DEQUANTIZE" else w_idx]    # the tensor whose type and scales the kernel uses
+    if writer == "DENSIFY" and f.td[src]["dtype"] != wt["dtype"]:
+        return [f"{name}: sparse weight is {f.td[src]['dtype'].__name__}, its DENSIFY output "
+                f"{wt['dtype'].__name__}"], False
+    if "codes" not in ours:  # float weights (FP32, or fp16 behind a DEQUANTIZE)
         ref = ours["weight"]
         if got.dtype != ref.dtype:
             return [f"{name}: weight is {got.dtype.name}, not {ref.dtype.name}"], False
@@ -169,6 +179,8 @@ def _check_ops(f: _File, int_graph: bool, float_io: bool, weight_dtypes: set) ->
             problems.append(f"op {op['index']} {n} inside the graph")
         elif n == "DEQUANTIZE" and np.dtype(f.td[op["inputs"][0]]["dtype"]) not in weight_dtypes:
             problems.append(f"op {op['index']} DEQUANTIZE of a {f.td[op['inputs'][0]]['dtype'].__name__} tensor")
+        elif n == "DENSIFY" and not set(op["outputs"]) <= set(f.stored):
+            problems.append(f"op {op['index']} DENSIFY that writes no conv weight")
     return problems, edge_ops
 
 
@@ -185,7 +197,8 @@ def _check_activations(f: _File, qm: QMobileNet, float_io: bool) -> list[str]:
     for i, d in f.td.items():
         if d["dtype"] == np.float32 and i not in edge:
             problems.append(f"float tensor {d['name']!r} in an integer graph")
-    for i in {o for op in f.ops for o in op["outputs"]} | f.inputs:
+    weights = set(f.stored)          # DENSIFY outputs: weights, checked with their per-channel scales in _check_weight
+    for i in ({o for op in f.ops for o in op["outputs"]} | f.inputs) - weights:
         d = f.td[i]
         if d["dtype"] != act_dt:
             continue
@@ -222,7 +235,7 @@ def check_structure(data: bytes, qm: QMobileNet, kind: str, float_io: bool) -> t
     if int_graph:
         problems += _check_activations(f, qm, float_io)
     summary = {"weights_checked": checked_w, "biases_checked": checked_b, "edge_ops": edge_ops,
-               "layers": len(layers)}
+               "layers": len(layers), "sparse_weights": sum(op["op_name"] == "DENSIFY" for op in f.ops)}
     return problems, summary
 
 
