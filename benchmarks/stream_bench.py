@@ -13,9 +13,10 @@ path on a subset small enough for both, in one run.
    The process tree (train.py and its DataLoader workers) is sampled every 0.2 s from /proc: the peak of the
    summed RSS (shared pages counted once per process: forked workers share the parent's, so this over-counts)
    and of the summed PSS (shared pages divided among their processes: what the tree really occupies).
-3. Subset run: the first `--subset` training images (symlinks), `--data-mode memory` then `--data-mode stream`,
-   the same model, seed and steps; the throughput is train.py's own images/s over the training epoch (decoding
-   the in-memory cache happens before it and is not counted).
+3. Subset runs: the first `--subset` training images (symlinks), `--data-mode memory` and `--data-mode stream`
+   interleaved `--repeats` times, the same model, seed and steps; the throughput is train.py's own images/s over
+   the training epoch (decoding the in-memory cache happens before it and is not counted), the ratio the median
+   of the per-repeat ratios.
 Every figure is printed with the CPU; the ratios come from this one run.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +57,7 @@ class StreamBenchConfig:
     steps: int = opt(40, "training steps of the big streamed run")
     subset: int = opt(640, "training images of the memory-vs-stream comparison")
     subset_steps: int = opt(15, "training steps of each comparison run")
+    repeats: int = opt(2, "comparison runs per mode, interleaved (memory, stream, memory, ...)")
     workers: int = opt(2, "DataLoader workers of the streamed runs")
     limit_gb: float = opt(1.5, "peak PSS of the streamed run's process tree must stay under this, GB")
 
@@ -150,16 +153,17 @@ def _rss_pss(pid: int) -> tuple[int, int]:
 
 def run_measured(cmd: list[str]) -> dict:
     """Run cmd; the peaks of the summed RSS and PSS of its process tree (0.2 s samples) and its processes."""
-    peak = {"rss": 0, "pss": 0, "processes": 0}
+    peak = {"rss": 0, "pss": 0, "main_rss": 0, "processes": 0}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
     def sample():
         while proc.poll() is None:
             pids = _tree_pids(proc.pid)
-            rss, pss = map(sum, zip(*[_rss_pss(p) for p in pids]))
-            peak.update(rss=max(peak["rss"], rss), pss=max(peak["pss"], pss),
-                        processes=max(peak["processes"], len(pids)))
+            each = [_rss_pss(p) for p in pids]
+            rss, pss = map(sum, zip(*each))
+            peak.update(rss=max(peak["rss"], rss), pss=max(peak["pss"], pss), main_rss=max(peak["main_rss"],
+                        each[0][0]), processes=max(peak["processes"], len(pids)))
             time.sleep(0.2)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -200,17 +204,21 @@ def main(argv=None) -> int:
                                       "--memory-budget", str(budget))}
         assert runs["streamed 12k"]["mode"] == "stream", "auto should have streamed the tree"
         small = subset_tree(tree, work / f"subset{cfg.subset}", cfg.subset)
-        for mode in ("memory", "stream"):
-            runs[f"subset {mode}"] = train(cfg, small, work / "runs" / f"subset-{mode}", cfg.subset_steps,
-                                           "--data-mode", mode)
+        for r in range(cfg.repeats):
+            for mode in ("memory", "stream"):
+                runs[f"subset {mode} {r + 1}"] = train(cfg, small, work / "runs" / f"subset-{mode}-{r + 1}",
+                                                       cfg.subset_steps, "--data-mode", mode)
     finally:
         if not cfg.work:
             shutil.rmtree(work, ignore_errors=True)
     for name, r in runs.items():
-        print(f"{name:>15}: {r['mode']:>6}, {r['train_images']:5d} images, {r['images_per_s']:6.1f} img/s, peak "
-              f"PSS {r['pss'] / 1e9:.2f} GB, peak RSS sum {r['rss'] / 1e9:.2f} GB, {r['processes']} processes")
-    ratio = runs["subset stream"]["images_per_s"] / runs["subset memory"]["images_per_s"]
-    print(f"stream / memory throughput (subset of {cfg.subset}, {cfg.subset_steps} steps): {ratio:.2f}")
+        print(f"{name:>17}: {r['mode']:>6}, {r['train_images']:5d} images, {r['images_per_s']:6.1f} img/s, peak "
+              f"PSS {r['pss'] / 1e9:.2f} GB, peak RSS: sum {r['rss'] / 1e9:.2f} GB, main process "
+              f"{r['main_rss'] / 1e9:.2f} GB, {r['processes']} processes")
+    ratios = [runs[f"subset stream {r + 1}"]["images_per_s"] / runs[f"subset memory {r + 1}"]["images_per_s"]
+              for r in range(cfg.repeats)]
+    print(f"stream / memory throughput (subset of {cfg.subset}, {cfg.subset_steps} steps): median "
+          f"{statistics.median(ratios):.2f} of {', '.join(f'{x:.2f}' for x in ratios)}")
     big = runs["streamed 12k"]
     print(f"streamed 12k peak PSS / limit: {big['pss'] / 1e9:.2f} / {cfg.limit_gb} GB "
           f"({'under' if big['pss'] < cfg.limit_gb * 1e9 else 'OVER'})")
