@@ -31,7 +31,7 @@ from common.files import atomic_write_text, tensor_digest
 from mobilenet import CheckpointError, ModelConfig, atomic_save, build_model, load_checkpoint
 from mobilenet.checkpoint import FORMAT
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, SOURCES, BatchLoader, DataConfig, load_dataset
-from mobilenet.engine import DivergenceGuard, evaluate, train_one_epoch
+from mobilenet.engine import DivergenceGuard, eval_batch_size, evaluate, train_one_epoch
 from mobilenet.model import LAYOUTS, check_resolution
 from mobilenet.precision import resolve_precision
 from mobilenet.runs import record, runs_dir
@@ -115,10 +115,9 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 bad(name.replace("_", "-"), getattr(self, name), f"one of {', '.join(choices)}")
         # (field, test, wanted): every range check names the flag and the value it got
-        ranges = [(n, lambda v: v >= 0, ">= 0") for n in ("epochs", "classes", "max_train_images",
-                                                          "max_steps_per_epoch", "calib_size", "weight_decay",
-                                                          "eval_images", "budget_minutes", "prune_sweep_minutes",
-                                                          "prune_budget_minutes", "data_workers")]
+        ranges = [(n, lambda v: v >= 0, ">= 0") for n in (
+            "epochs", "classes", "max_train_images", "max_steps_per_epoch", "calib_size", "weight_decay", "eval_images",
+            "budget_minutes", "prune_sweep_minutes", "prune_budget_minutes", "data_workers")]
         ranges += [(n, lambda v: v >= 1, ">= 1") for n in ("batch_size", "eval_every")]
         ranges += [(n, lambda v: v > 0, "> 0") for n in ("width", "lr")]
         ranges += [(n, lambda v: 0 <= v < 1, "in [0, 1)") for n in ("dropout", "label_smoothing", "prune_structured")]
@@ -250,8 +249,9 @@ class _Run:
         atomic_write_text(json.dumps(doc, indent=2, default=str) + "\n", self.out / "metrics.json")
 
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.test, self.cfg.layout, device=self.device,
-                        channels_last=self.cfg.channels_last, desc="eval", disable_bar=self.rank != 0)
+        return evaluate(self.model, self.test, self.cfg.layout, device=self.device, disable_bar=self.rank != 0,
+                        batch_size=eval_batch_size(self.mcfg.input_size, self.cfg.batch_size // self.world),
+                        channels_last=self.cfg.channels_last, desc="eval")
 
     def epoch(self, epoch: int, guard: DivergenceGuard):
         """Train one epoch, reduce its statistics over ranks; on rank 0 evaluate (when due) and save."""
