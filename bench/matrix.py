@@ -102,8 +102,8 @@ def _export(cfg: MatrixConfig, qcfg: QuantConfig, ckpt: Path, tfl: Path) -> dict
         return {"export_status": "refused", "export_note": str(e).splitlines()[0]}
     try:
         rep = run_export(ExportConfig(checkpoint=str(ckpt), out=str(tfl), w4_storage=w4, data=cfg.data,
-                                      val_images=cfg.val_images, skip_builtin=True,
-                                      reported_images=cfg.reported_images))
+                                      val_images=cfg.val_images, skip_builtin=True, data_mode=cfg.data_mode,
+                                      memory_budget=cfg.memory_budget, reported_images=cfg.reported_images))
     except ExportError as e:
         return {"export_status": "failed", "export_note": str(e).splitlines()[0]}
     v = rep["validation"]["runs"]["xnnpack"]

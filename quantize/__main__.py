@@ -202,7 +202,8 @@ def _export(cli: CliConfig, qcfg: QuantConfig, out: Path) -> dict:
     tflite = out / f"model_{qcfg.name.lower()}.tflite"
     data = "random" if cli.data_source == "random" else cli.data
     report = run_export(ExportConfig(checkpoint=str(out / "quantized.pt"), out=str(tflite), data=data,
-                                     val_images=cli.val_images))
+                                     val_images=cli.val_images, data_mode=cli.data_mode,
+                                     memory_budget=cli.memory_budget))
     record("tflite", tflite, validated=report["validation"]["passed"], config=qcfg.name)
     print(f"exported {tflite} ({report['file_summary']['size_bytes']:,} bytes), validated against the integer "
           f"simulation on {cli.val_images} test images")
