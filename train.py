@@ -25,13 +25,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, Parser, add_config, opt,
-                        run_command)
+from common.cli import (DATA_HELP, DATA_MODE_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP,
+                        MEMORY_BUDGET_HELP, Parser, add_config, opt, run_command)
 from common.files import atomic_write_text, tensor_digest
 from mobilenet import CheckpointError, ModelConfig, atomic_save, build_model, load_checkpoint
 from mobilenet.checkpoint import FORMAT
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, SOURCES, BatchLoader, DataConfig, load_dataset
-from mobilenet.engine import DivergenceGuard, evaluate, train_one_epoch
+from mobilenet.engine import DivergenceGuard, eval_batch_size, evaluate, train_one_epoch
 from mobilenet.model import LAYOUTS, check_resolution
 from mobilenet.precision import resolve_precision
 from mobilenet.runs import record, runs_dir
@@ -43,12 +43,10 @@ __all__ = ["TrainConfig", "build_parser", "main", "train"]
 
 SCHEDULES = ("onecycle", "cosine")
 # Fields that may differ on --resume: where things live and what runs after the baseline, not how it trains.
-RESUME_MAY_CHANGE = ("device", "out", "resume", "data", "cache_dir", "eval_images", "download", "prune",
-                     "prune_structured", "prune_sweep_minutes", "prune_budget_minutes")
+RESUME_MAY_CHANGE = ("device", "out", "resume", "data", "cache_dir", "eval_images", "download", "data_workers",
+                     "prune", "prune_structured", "prune_sweep_minutes", "prune_budget_minutes")
 # Saved configs of earlier releases spelled these flags differently (--root, --source).
 _RENAMED = {"root": "data", "source": "data_source"}
-
-
 _f = opt
 PROG = "train.py"
 
@@ -68,6 +66,9 @@ class TrainConfig:
     data: str = _f(DEFAULT_DATA, DATA_HELP)
     data_source: str = _f("folder", DATA_SOURCE_HELP)
     cache_dir: str = _f(DEFAULT_CACHE, "where archives are unpacked and decoded images kept")
+    data_mode: str = _f("auto", DATA_MODE_HELP)
+    memory_budget: float = _f(0.25, MEMORY_BUDGET_HELP)
+    data_workers: int = _f(DataConfig.workers, "streamed data: DataLoader worker processes per process (0: none)")
     download: bool = _f(False, "cifar-batches: fetch CIFAR-10 with torchvision if missing (needs a network)")
     calib_size: int = _f(1000, "images in the fixed calibration split drawn from train (for quantization)")
     max_train_images: int = _f(0, "training images per epoch at most, a fresh random subset each epoch; 0 = all")
@@ -114,11 +115,9 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 bad(name.replace("_", "-"), getattr(self, name), f"one of {', '.join(choices)}")
         # (field, test, wanted): every range check names the flag and the value it got
-        ranges = [(n, lambda v: v >= 0, ">= 0") for n in ("epochs", "classes", "max_train_images",
-                                                          "max_steps_per_epoch", "calib_size", "weight_decay",
-                                                          "eval_images",
-                                                          "budget_minutes", "prune_sweep_minutes",
-                                                          "prune_budget_minutes")]
+        ranges = [(n, lambda v: v >= 0, ">= 0") for n in (
+            "epochs", "classes", "max_train_images", "max_steps_per_epoch", "calib_size", "weight_decay", "eval_images",
+            "budget_minutes", "prune_sweep_minutes", "prune_budget_minutes", "data_workers")]
         ranges += [(n, lambda v: v >= 1, ">= 1") for n in ("batch_size", "eval_every")]
         ranges += [(n, lambda v: v > 0, "> 0") for n in ("width", "lr")]
         ranges += [(n, lambda v: 0 <= v < 1, "in [0, 1)") for n in ("dropout", "label_smoothing", "prune_structured")]
@@ -141,7 +140,8 @@ class TrainConfig:
 
     def data_config(self) -> DataConfig:
         return DataConfig(source=self.data_source, root=self.data, layout=self.layout, resolution=self.resolution,
-                          cache_dir=self.cache_dir, download=self.download, calib_size=self.calib_size)
+                          cache_dir=self.cache_dir, download=self.download, calib_size=self.calib_size,
+                          mode=self.data_mode, memory_budget=self.memory_budget, workers=self.data_workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,8 +249,9 @@ class _Run:
         atomic_write_text(json.dumps(doc, indent=2, default=str) + "\n", self.out / "metrics.json")
 
     def evaluate(self) -> dict:
-        return evaluate(self.model, self.test, self.cfg.layout, device=self.device,
-                        channels_last=self.cfg.channels_last, desc="eval", disable_bar=self.rank != 0)
+        return evaluate(self.model, self.test, self.cfg.layout, device=self.device, disable_bar=self.rank != 0,
+                        batch_size=eval_batch_size(self.mcfg.input_size, self.cfg.batch_size // self.world),
+                        channels_last=self.cfg.channels_last, desc="eval")
 
     def epoch(self, epoch: int, guard: DivergenceGuard):
         """Train one epoch, reduce its statistics over ranks; on rank 0 evaluate (when due) and save."""

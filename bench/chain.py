@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common.cli import DATA_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, VAL_IMAGES_HELP, torch_device
+from common.cli import (DATA_HELP, DATA_MODE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, MEMORY_BUDGET_HELP, VAL_IMAGES_HELP,
+                        torch_device)
 from mobilenet.checkpoint import load_checkpoint, load_model
 from common.files import atomic_write_text
 from mobilenet.data import DEFAULT_DATA
@@ -33,6 +34,8 @@ class ChainConfig:
     init: str = field(default="", metadata={
         "help": "start from this FP32 checkpoint instead of training (e.g. ../shared/models/...)"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": DATA_HELP})
+    data_mode: str = field(default="auto", metadata={"help": DATA_MODE_HELP + "; for every step"})
+    memory_budget: float = field(default=0.25, metadata={"help": MEMORY_BUDGET_HELP})
     device: str = field(default="auto", metadata={"help": DEVICE_HELP + ", for every torch stage (training, "
                                                            "sweep, fine-tuning, calibration, QAT)"})
     width: float = field(default=1.0, metadata={"help": "width multiplier of the trained baseline"})
@@ -102,10 +105,12 @@ def run_chain(cfg: ChainConfig) -> Path:
     log: list[dict] = []
     command = " ".join(["python -m bench"] + [shlex.quote(a) for a in sys.argv[1:]])
 
+    data = ["--data", cfg.data, "--data-mode", cfg.data_mode, "--memory-budget", str(cfg.memory_budget)]
+
     # 1. baseline
     baseline = Path(cfg.init) if cfg.init else out / "baseline" / "checkpoint.pt"
     if not cfg.init:
-        args = ["--out", str(out / "baseline"), "--data", cfg.data, "--width", str(cfg.width),
+        args = ["--out", str(out / "baseline"), *data, "--width", str(cfg.width),
                 "--device", cfg.device, "--epochs", str(cfg.train_epochs),
                 "--budget-minutes", str(cfg.train_minutes), "--max-train-images", "0",
                 "--eval-images", str(cfg.eval_images), "--eval-every", str(cfg.train_epochs)]
@@ -116,7 +121,7 @@ def run_chain(cfg: ChainConfig) -> Path:
     # 2-4. sweep, prune, fine-tune
     pruned = out / "prune" / "pruned.pt"
     _step("sweep + prune + fine-tune", pruned, lambda: prune_cli.main([
-        "--checkpoint", str(baseline), "--out", str(out / "prune"), "--data", cfg.data, "--device", cfg.device,
+        "--checkpoint", str(baseline), "--out", str(out / "prune"), *data, "--device", cfg.device,
         "--ratio", cfg.prune,
         "--epochs", str(cfg.finetune_epochs), "--budget-minutes", str(cfg.finetune_minutes),
         "--images-per-epoch", "0", "--sweep-images", str(cfg.sweep_images),
@@ -127,7 +132,7 @@ def run_chain(cfg: ChainConfig) -> Path:
 
     # 5. quantize
     qdir = out / "quantize"
-    qargs = ["--checkpoint", str(pruned), "--config", cfg.config, "--out", str(qdir), "--data", cfg.data,
+    qargs = ["--checkpoint", str(pruned), "--config", cfg.config, "--out", str(qdir), *data,
              "--device", cfg.device, "--eval-images", str(cfg.eval_images),
              "--no-export"]   # the chain exports below, beside the FP32 file it compares against
     if cfg.qat:
@@ -139,10 +144,10 @@ def run_chain(cfg: ChainConfig) -> Path:
     int8 = out / f"model_{cfg.config.lower()}.tflite"
     fp32 = out / "model_fp32.tflite"
     _step("export FP32", fp32, lambda: export_cli.main([
-        "--checkpoint", str(pruned), "--out", str(fp32), "--data", cfg.data,
+        "--checkpoint", str(pruned), "--out", str(fp32), *data,
         "--val-images", str(min(cfg.val_images, 200))]), log)
     _step(f"export {cfg.config}", int8, lambda: export_cli.main([
-        "--checkpoint", str(qckpt), "--out", str(int8), "--data", cfg.data, "--val-images", str(cfg.val_images),
+        "--checkpoint", str(qckpt), "--out", str(int8), *data, "--val-images", str(cfg.val_images),
         "--compare-to", str(fp32)]), log)
 
     # 7. host benchmark

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.cli import EVAL_IMAGES_HELP, RESOLUTION_HELP
+from common.cli import DATA_MODE_HELP, EVAL_IMAGES_HELP, MEMORY_BUDGET_HELP, RESOLUTION_HELP
 from common.files import remove_stale_temporaries
 from common.matrix import done_keys, row_key, write_matrix_row
 from common.provenance import collect_meta, read_meta, write_meta
@@ -44,6 +44,8 @@ class MatrixConfig:
         "help": "FP32 or pruned checkpoint (matrix default: the CIFAR-10 reference in ../shared/models)"})
     out: str = field(default="", metadata={"help": "results directory (matrix default: runs/matrix)"})
     data: str = field(default=DEFAULT_DATA, metadata={"help": "CIFAR-10 JPEG archive or ImageFolder tree"})
+    data_mode: str = field(default="auto", metadata={"help": DATA_MODE_HELP})
+    memory_budget: float = field(default=0.25, metadata={"help": MEMORY_BUDGET_HELP})
     eval_images: int = field(default=2000, metadata={"help": EVAL_IMAGES_HELP})
     resolution: int | None = field(default=None, metadata={"help": RESOLUTION_HELP})
     calib_size: int = field(default=1000, metadata={"help": "calibration images (real: from the train split)"})
@@ -104,8 +106,8 @@ def _export(cfg: MatrixConfig, qcfg: QuantConfig, ckpt: Path, tfl: Path) -> dict
         return {"export_status": "refused", "export_note": str(e).splitlines()[0]}
     try:
         rep = run_export(ExportConfig(checkpoint=str(ckpt), out=str(tfl), w4_storage=w4, data=cfg.data,
-                                      val_images=cfg.val_images, skip_builtin=True,
-                                      reported_images=cfg.reported_images))
+                                      val_images=cfg.val_images, skip_builtin=True, data_mode=cfg.data_mode,
+                                      memory_budget=cfg.memory_budget, reported_images=cfg.reported_images))
     except ExportError as e:
         return {"export_status": "failed", "export_note": str(e).splitlines()[0]}
     v = rep["validation"]["runs"]["xnnpack"]
@@ -231,7 +233,8 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
             print(f"removed a stale temporary file: {f}", file=sys.stderr)
     csv_path = out / "matrix.csv"
     dataset = load_dataset(DataConfig(source="folder", root=cfg.data, layout=model.cfg.layout,
-                                      resolution=model.cfg.input_size, calib_size=cfg.calib_size))
+                                      resolution=model.cfg.input_size, calib_size=cfg.calib_size,
+                                      mode=cfg.data_mode, memory_budget=cfg.memory_budget))
     dataset.check_classes(model.cfg.num_classes, cfg.checkpoint)
     eval_split = dataset.test.stratified(cfg.eval_images)
     meta = collect_meta(command or "python -m bench matrix", cfg.checkpoint,

@@ -9,6 +9,8 @@ and exit code 2. The shared vocabulary:
     --device NAME                     the torch device (auto | cpu | cuda | cuda:N); `bench phone` times on a phone
     --eval-images N                   test images for every reported accuracy, class-stratified; 0 = all
     --val-images N                    test images the exported file and its simulation are compared on
+    --data-mode auto|memory|stream    hold a folder's decoded images in memory, or read them from the files on
+    --memory-budget FRACTION          demand in DataLoader workers; auto streams above FRACTION of the RAM
     --resolution N                    input height = width (train.py: of the new model; the others: run the
                                       checkpoint's model at N instead of its own)
 """
@@ -19,13 +21,19 @@ import dataclasses
 import sys
 import typing
 
-__all__ = ["USER_ERROR", "DATA_HELP", "DATA_SOURCE_HELP", "DEVICE_HELP", "EVAL_IMAGES_HELP", "VAL_IMAGES_HELP",
+__all__ = ["USER_ERROR", "DATA_HELP", "DATA_SOURCE_HELP", "DATA_MODE_HELP", "MEMORY_BUDGET_HELP",
+           "DEVICE_HELP", "EVAL_IMAGES_HELP", "VAL_IMAGES_HELP",
            "RESOLUTION_HELP", "CheckFailed", "opt", "Parser", "add_config", "config_from", "user_error",
            "run_command", "torch_device", "int_list", "on_off_list"]
 
 USER_ERROR = 2   # argparse's own code for a malformed flag; every user error exits with it
 DATA_HELP = "images: an ImageFolder tree (class folders) or a .tar.gz of one, e.g. the CIFAR-10 JPEG archive"
 DATA_SOURCE_HELP = "folder (--data is a tree or archive) | cifar-batches (CIFAR-10 python batches) | random"
+DATA_MODE_HELP = ("folder data: memory (decode every image once, keep them in RAM, cache them beside the tree) | "
+                  "stream (decode each batch's files in DataLoader workers, nothing cached) | auto (stream when the "
+                  "decoded images exceed --memory-budget)")
+MEMORY_BUDGET_HELP = ("--data-mode auto: the fraction of this machine's RAM the decoded images may take (counted once "
+                      "per process under torchrun)")
 DEVICE_HELP = "torch device: auto (cuda when available) | cpu | cuda | cuda:N"
 EVAL_IMAGES_HELP = ("test images behind every reported accuracy: evenly spaced over the class-sorted test set, so "
                     "class-stratified (2000 of CIFAR-10's 10,000 = every 5th); 0 = all")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from common.cli import DATA_HELP, DATA_SOURCE_HELP, RESOLUTION_HELP, VAL_IMAGES_HELP, CheckFailed, opt
+from common.cli import (DATA_HELP, DATA_MODE_HELP, DATA_SOURCE_HELP, MEMORY_BUDGET_HELP, RESOLUTION_HELP,
+                        VAL_IMAGES_HELP, CheckFailed, opt)
 from common.files import atomic_file, atomic_write_text, sha256_file
 from mobilenet.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_model
 from mobilenet.data import DEFAULT_DATA, BatchLoader, DataConfig, load_dataset
@@ -59,6 +60,8 @@ class ExportConfig:
     calib_images: int = opt(256, "W8A16: calibration images for the static int16 ranges")
     data: str = opt(DEFAULT_DATA, DATA_HELP)
     data_source: str = opt("folder", DATA_SOURCE_HELP)
+    data_mode: str = opt("auto", DATA_MODE_HELP)
+    memory_budget: float = opt(0.25, MEMORY_BUDGET_HELP)
     compare_to: str | None = opt(None, "another .tflite (e.g. the dense export) to report size and gzip size "
                                        "against")
     skip_builtin: bool = opt(False, "do not also validate with the builtin (non-XNNPACK) kernels (they are "
@@ -90,6 +93,7 @@ def load_for_export(path: str) -> tuple[torch.nn.Module, dict]:
 
 def _images(cfg: ExportConfig, layout: str, resolution: int, n: int, split: str):
     ds = load_dataset(DataConfig(source=cfg.data_source, root=cfg.data, layout=layout, resolution=resolution,
+                                 mode=cfg.data_mode, memory_budget=cfg.memory_budget,
                                  random_size=max(n, 1)))
     s = getattr(ds, split)
     s = s.stratified(n) if split == "test" else s.subset(torch.arange(min(n, len(s))))

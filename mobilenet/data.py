@@ -4,32 +4,30 @@ Sources (`DataConfig.source`):
     cifar-batches   torchvision's `cifar-10-batches-py` pickles under `root` (`download=True` fetches them)
     folder          an ImageFolder tree with train/ and test/ (`root` is the directory, or a .tar.gz that is
                     unpacked once into `cache_dir`); class order is alphabetical, files are sorted by name
+                    (mobilenet/folder.py)
     random          synthetic tensors for smoke runs (no files at all)
 
 Images are decoded once and cached as uint8 (N, 3, H, W) tensors beside the unpacked tree. Normalization to
 float and augmentation (pad-4 random crop, horizontal flip) happen per batch, on the whole batch at once.
+A folder whose decoded images exceed `memory_budget` of the machine's memory is streamed instead: read from
+its files on demand in DataLoader workers (mobilenet/stream.py), nothing decoded is cached.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
-import shutil
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from .checkpoint import atomic_save
-from .model import INPUT_SIZE, check_resolution
+from .model import check_resolution
 
 __all__ = ["DataConfig", "Split", "Dataset", "load_dataset", "BatchLoader", "normalize", "augment_batch",
-           "DataError", "SOURCES", "CIFAR10_CLASSES", "DEFAULT_DATA", "DEFAULT_CACHE"]
+           "fit_image", "stratified_indices", "check_mode", "DataError", "SOURCES", "DATA_MODES", "CIFAR10_CLASSES",
+           "DEFAULT_DATA", "DEFAULT_CACHE"]
 
 SOURCES = ("folder", "cifar-batches", "random")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -46,6 +44,16 @@ class DataError(ValueError):
     """Data that is missing or malformed."""
 
 
+DATA_MODES = ("auto", "memory", "stream")
+
+
+def check_mode(mode: str, budget: float) -> None:
+    if mode not in DATA_MODES:
+        raise DataError(f"--data-mode should be one of {', '.join(DATA_MODES)} instead of {mode!r}")
+    if not 0 < budget <= 1:
+        raise DataError(f"--memory-budget should be a fraction of memory in (0, 1] instead of {budget!r}")
+
+
 @dataclass
 class DataConfig:
     source: str = "folder"           # folder | cifar-batches | random
@@ -57,6 +65,19 @@ class DataConfig:
     calib_size: int = 1000           # images in the fixed calibration split, drawn from the training set
     random_size: int = 512           # random source: images per split
     seed: int = 0                    # calibration split and random source
+    mode: str = "auto"               # folder: memory | stream | auto (stream when memory_budget is exceeded)
+    memory_budget: float = 0.25      # auto: fraction of physical memory the decoded images may take
+    workers: int = min(4, os.cpu_count() or 1)  # stream: DataLoader worker processes decoding images
+
+
+def stratified_indices(n: int, total: int) -> torch.Tensor | None:
+    """n indices evenly spaced over range(total) (test sets are sorted by class, so this is stratified): 2,000
+    of CIFAR-10's 10,000 is every 5th image, the reference subset. None (all of it) for n = 0 or n >= total."""
+    if n < 0:
+        raise ValueError(f"--eval-images should be >= 0 instead of {n}")
+    if n == 0 or n >= total:
+        return None
+    return torch.arange(n) * total // n
 
 
 @dataclass
@@ -72,13 +93,16 @@ class Split:
         return Split(self.images[idx], self.labels[idx])
 
     def stratified(self, n: int) -> "Split":
-        """n images evenly spaced over the whole split (test sets are sorted by class, so this is stratified):
-        2,000 of CIFAR-10's 10,000 is every 5th image, the reference subset. n = 0 or n >= len: all of it."""
-        if n < 0:
-            raise ValueError(f"--eval-images should be >= 0 instead of {n}")
-        if n == 0 or n >= len(self):
-            return self
-        return self.subset(torch.arange(n) * len(self) // n)
+        """n images evenly spaced over the whole split (see stratified_indices); n = 0 or n >= len: all of it."""
+        idx = stratified_indices(n, len(self))
+        return self if idx is None else self.subset(idx)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[-1])
+
+    def in_memory(self, desc: str = "") -> "Split":
+        return self
 
 
 @dataclass
@@ -90,6 +114,7 @@ class Dataset:
     layout: str
     source: str
     root: str = ""          # where the images came from ("" for the random source)
+    mode: str = "memory"    # memory | stream (a FileSplit per split, decoded on demand)
 
     @property
     def mean_std(self):
@@ -105,7 +130,7 @@ class Dataset:
     def describe(self) -> dict:
         """What every step's report records about its data."""
         return {"source": self.source, "root": self.root, "classes": list(self.classes), "layout": self.layout,
-                "resolution": int(self.test.images.shape[-1]) if len(self.test) else None,
+                "resolution": self.test.resolution if len(self.test) else None, "mode": self.mode,
                 "train_images": len(self.train), "test_images": len(self.test)}
 
 
@@ -136,7 +161,8 @@ class BatchLoader:
     """Iterate over a Split in batches of normalized float tensors.
 
     shuffle/augment draw from a generator seeded with (seed, epoch), so an epoch is reproducible and a resumed
-    run sees the same batches. With world_size > 1 each rank takes every world_size-th batch position.
+    run sees the same batches. With world_size > 1 each rank takes every world_size-th batch position. A streamed
+    split (FileSplit) is read through its DataLoader instead, each rank its DistributedSampler shard.
     """
 
     def __init__(self, split: Split, batch_size: int, layout: str = "cifar", shuffle: bool = False,
@@ -165,6 +191,13 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
+        if getattr(self.split, "streamed", False):
+            for x, y in self.split.batches(self.batch_size, shuffle=self.shuffle, augment=self.augment,
+                                           drop_last=self.drop_last, seed=self.seed, epoch=self.epoch,
+                                           rank=self.rank, world_size=self.world_size,
+                                           pin_memory=self.device.type == "cuda"):
+                yield self._finish(x, y)
+            return
         order = self._order()
         per_rank = len(self.split) // self.world_size if self.world_size > 1 else len(self.split)
         order = order[self.rank * per_rank:(self.rank + 1) * per_rank] if self.world_size > 1 else order
@@ -174,46 +207,17 @@ class BatchLoader:
             x = self.split.images[idx]
             if self.augment:
                 x = augment_batch(x, g)
-            x = normalize(x.to(self.device), self.layout)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.split.labels[idx].to(self.device)
+            yield self._finish(x, self.split.labels[idx])
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor):
+        """uint8 batch -> normalized float on the device (channels_last when asked), labels beside it."""
+        x = normalize(x.to(self.device), self.layout)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device)
 
 
 # ---------------------------------------------------------------------------------------------- sources
-
-def _cache_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-
-
-def _unpack_once(archive: Path, cache_dir: Path) -> Path:
-    """Unpack a .tar.gz into cache_dir/<name>-<key>/ once; a half-finished unpack is never mistaken for done."""
-    dest = cache_dir / f"{archive.name.split('.')[0]}-{_cache_key(archive)}"
-    if (dest / ".complete").exists():
-        return dest
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=cache_dir))
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        (tmp / ".complete").touch()
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
-def _find_tree(root: Path) -> Path:
-    """The directory that holds train/ and test/ (the archive may wrap them in one more folder)."""
-    for cand in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
-        if (cand / "train").is_dir() and (cand / "test").is_dir():
-            return cand
-    raise DataError(f"{root} has no train/ and test/ folders (ImageFolder layout expected)")
-
 
 def fit_image(img: torch.Tensor, layout: str, res: int) -> torch.Tensor:
     """uint8 (3, H, W) -> (3, res, res), torchvision's evaluation convention: ImageNet layout, resize the short
@@ -225,53 +229,6 @@ def fit_image(img: torch.Tensor, layout: str, res: int) -> torch.Tensor:
     if tuple(img.shape[-2:]) == (res, res):
         return img
     return TF.center_crop(TF.resize(img, [res], antialias=True), [res, res])
-
-
-def _decode_folder(split_dir: Path, classes: list[str], layout: str, res: int) -> Split:
-    from torchvision.io import ImageReadMode, decode_image
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        for f in sorted((split_dir / name).iterdir()):
-            if f.suffix.lower() in (".jpg", ".jpeg", ".png"):
-                files.append(f)
-                labels.append(c)
-    if not files:
-        raise DataError(f"no .jpg/.jpeg/.png images under {split_dir}")
-    images = []
-    for f in tqdm(files, desc=f"decode {split_dir.name}", unit="img", mininterval=1.0, leave=False):
-        images.append(fit_image(decode_image(str(f), mode=ImageReadMode.RGB), layout, res))
-    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
-
-
-def _load_folder(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
-    root = Path(cfg.root)
-    if not root.exists():
-        raise DataError(f"data not found: {root}")
-    if root.is_file():
-        if not (root.name.endswith(".tar.gz") or root.name.endswith(".tgz") or root.name.endswith(".tar")):
-            raise DataError(f"{root} is a file but not a .tar.gz/.tar archive")
-        root = _unpack_once(root, Path(cfg.cache_dir))
-    tree = _find_tree(root)
-    classes = sorted(p.name for p in (tree / "train").iterdir() if p.is_dir())
-    test_classes = sorted(p.name for p in (tree / "test").iterdir() if p.is_dir())
-    if not classes or classes != test_classes:
-        raise DataError(f"{tree}: train/ and test/ must hold the same class folders "
-                        f"(train: {classes[:5]}..., test: {test_classes[:5]}...)")
-    res = check_resolution(cfg.layout, cfg.resolution)
-    # one cache per layout and resolution (the layout's default keeps the name earlier releases wrote)
-    cached = tree / (f".decoded-{cfg.layout}.pt" if res == INPUT_SIZE[cfg.layout] else f".decoded-{cfg.layout}-{res}.pt")
-    if cached.exists():
-        blob = torch.load(cached, weights_only=True)
-        if blob["classes"] == classes:
-            return Split(*blob["train"]), Split(*blob["test"]), tuple(classes)
-    train = _decode_folder(tree / "train", classes, cfg.layout, res)
-    test = _decode_folder(tree / "test", classes, cfg.layout, res)
-    try:
-        atomic_save({"classes": classes, "train": (train.images, train.labels), "test": (test.images, test.labels)},
-                    cached)
-    except OSError:
-        pass  # a read-only tree: decode again next time
-    return train, test, tuple(classes)
 
 
 def _load_cifar_batches(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
@@ -349,9 +306,13 @@ def _load_random(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
 
 def load_dataset(cfg: DataConfig | None = None, **kwargs) -> Dataset:
     cfg = cfg if cfg is not None else DataConfig(**kwargs)
-    loaders = {"folder": _load_folder, "cifar-batches": _load_cifar_batches, "random": _load_random}
+    from .folder import load_folder   # imports this module: the source that reads files lives beside it
+    loaders = {"folder": load_folder, "cifar-batches": _load_cifar_batches, "random": _load_random}
     if cfg.source not in loaders:
         raise DataError(f"unknown data source {cfg.source!r}; expected one of {SOURCES}")
+    check_mode(cfg.mode, cfg.memory_budget)
+    if cfg.source != "folder" and cfg.mode == "stream":
+        raise DataError(f"--data-mode stream reads image files: it needs --data-source folder, not {cfg.source!r}")
     if cfg.layout not in MEAN_STD:
         raise DataError(f"unknown layout {cfg.layout!r}; expected one of {tuple(MEAN_STD)}")
     try:
@@ -363,4 +324,5 @@ def load_dataset(cfg: DataConfig | None = None, **kwargs) -> Dataset:
     n_calib = min(cfg.calib_size, len(train))
     calib = train.subset(torch.randperm(len(train), generator=g)[:n_calib])  # from train, never from test
     return Dataset(train, test, calib, classes, cfg.layout, cfg.source,
-                   "" if cfg.source == "random" else str(Path(cfg.root).resolve()))
+                   "" if cfg.source == "random" else str(Path(cfg.root).resolve()),
+                   "stream" if getattr(train, "streamed", False) else "memory")

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, RESOLUTION_HELP, Parser, add_config, config_from,
+from common.cli import (DATA_HELP, DATA_MODE_HELP, DATA_SOURCE_HELP, DEVICE_HELP, MEMORY_BUDGET_HELP, RESOLUTION_HELP,
+                        Parser, add_config, config_from,
                         opt, run_command, torch_device)
 from mobilenet.checkpoint import load_model
 from mobilenet.model import with_resolution
@@ -41,6 +42,8 @@ class CliConfig:
     data: str = opt(DEFAULT_DATA, DATA_HELP)
     data_source: str = opt("folder", DATA_SOURCE_HELP)
     cache_dir: str = field(default=DEFAULT_CACHE, metadata={"help": "where the archive is unpacked and decoded"})
+    data_mode: str = opt("auto", DATA_MODE_HELP)
+    memory_budget: float = opt(0.25, MEMORY_BUDGET_HELP)
     train_images: int = field(default=0, metadata={"help": "use only the first N (strided) training images; 0 = all"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
     device: str = opt("auto", DEVICE_HELP)
@@ -86,7 +89,8 @@ def _run(cli: CliConfig, cfg: PruneConfig) -> int:
     if cfg.sweep_layers:
         match_layers(cfg.sweep_layers, list(prunable_layers(model)), "--sweep-layers")
     ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=cfg.layout,
-                                 resolution=model.cfg.input_size, cache_dir=cli.cache_dir, seed=cfg.seed))
+                                 resolution=model.cfg.input_size, cache_dir=cli.cache_dir, seed=cfg.seed,
+                                 mode=cli.data_mode, memory_budget=cli.memory_budget))
     ds.check_classes(model.cfg.num_classes, cli.checkpoint)
     if cli.train_images:
         ds.train = ds.train.subset(torch.arange(0, len(ds.train), max(1, len(ds.train) // cli.train_images))

@@ -57,7 +57,9 @@ def run_sweeps(model, dataset, cfg: PruneConfig, out_dir, device="cpu", log=prin
         work = copy.deepcopy(model).to(device).eval()
         if cfg.channels_last:
             work = work.to(memory_format=torch.channels_last)
-        res["layers"] = per_layer_sweep(work, dataset.test.stratified(cfg.sweep_images), cfg, device,
+        # a small subset evaluated once per trial (hundreds): decoded once here when the data is streamed
+        few = dataset.test.stratified(cfg.sweep_images).in_memory("decode sweep subset")
+        res["layers"] = per_layer_sweep(work, few, cfg, device,
                                         csv_path=out / "sweep_layers.csv", log=log)
         planned = res["layers"][0].get("planned_trials", len(res["layers"])) - 1 if res["layers"] else 0
         res["layers_trials"] = {"run": len(res["layers"]) - 1, "planned": planned,

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from common.cli import (DATA_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, RESOLUTION_HELP, VAL_IMAGES_HELP,
-                        Parser, add_config, config_from, opt, run_command, torch_device)
+from common.cli import (DATA_HELP, DATA_MODE_HELP, DATA_SOURCE_HELP, DEVICE_HELP, EVAL_IMAGES_HELP, MEMORY_BUDGET_HELP,
+                        RESOLUTION_HELP, VAL_IMAGES_HELP, Parser, add_config, config_from, opt, run_command,
+                        torch_device)
 from common.files import atomic_write_text
 from mobilenet.checkpoint import load_checkpoint, load_model
 from mobilenet.data import DEFAULT_CACHE, DEFAULT_DATA, DataConfig, load_dataset
@@ -82,6 +83,8 @@ class CliConfig:
     data: str = opt(DEFAULT_DATA, DATA_HELP)
     data_source: str = opt("folder", DATA_SOURCE_HELP)
     cache_dir: str = opt(DEFAULT_CACHE, "where the archive is unpacked and decoded")
+    data_mode: str = opt("auto", DATA_MODE_HELP)
+    memory_budget: float = opt(0.25, MEMORY_BUDGET_HELP)
     seed: int = opt(0, "calibration split, random calibration data, AdaRound")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default")
     device: str = opt("auto", DEVICE_HELP)
@@ -156,7 +159,8 @@ def run(cli: CliConfig) -> dict:
     model = model.to(cli.device)
     ds = load_dataset(DataConfig(source=cli.data_source, root=cli.data, layout=model.cfg.layout,
                                  resolution=model.cfg.input_size, cache_dir=cli.cache_dir, seed=cli.seed,
-                                 calib_size=max(cli.calib_size, 1000)))
+                                 calib_size=max(cli.calib_size, 1000), mode=cli.data_mode,
+                                 memory_budget=cli.memory_budget))
     ds.check_classes(model.cfg.num_classes, cli.checkpoint)
     split = ds.test.stratified(cli.eval_images)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +202,8 @@ def _export(cli: CliConfig, qcfg: QuantConfig, out: Path) -> dict:
     tflite = out / f"model_{qcfg.name.lower()}.tflite"
     data = "random" if cli.data_source == "random" else cli.data
     report = run_export(ExportConfig(checkpoint=str(out / "quantized.pt"), out=str(tflite), data=data,
-                                     val_images=cli.val_images))
+                                     val_images=cli.val_images, data_mode=cli.data_mode,
+                                     memory_budget=cli.memory_budget))
     record("tflite", tflite, validated=report["validation"]["passed"], config=qcfg.name)
     print(f"exported {tflite} ({report['file_summary']['size_bytes']:,} bytes), validated against the integer "
           f"simulation on {cli.val_images} test images")

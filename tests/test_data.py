@@ -12,12 +12,13 @@ import torch
 import mobilenet.data as data_mod
 from conftest import CIFAR_TGZ
 from mobilenet.data import BatchLoader, DataConfig, DataError, augment_batch, load_dataset, normalize
+from mobilenet.folder import find_tree
 
 
 def _unpacked_tree(cache_dir: Path) -> Path:
     trees = sorted(p for p in cache_dir.glob("cifar10-jpeg-*") if (p / ".complete").exists())
     assert trees, f"the session fixture should have unpacked {CIFAR_TGZ.name} into {cache_dir}"
-    return data_mod._find_tree(trees[0])
+    return find_tree(trees[0])
 
 
 def _small_tree(src: Path, dst: Path, classes=("bird", "cat", "ship"), n_train=4, n_test=2) -> Path:
