@@ -20,8 +20,8 @@ from ai_edge_litert.tools import flatbuffer_utils as fbu
 
 from .tflite_file import verify
 
-__all__ = ["read", "write", "op_name", "add_float_io", "biases_to_int64", "weights_to_fp16", "TensorType", "BuiltinOperator",
-           "TYPE_NAMES"]
+__all__ = ["read", "write", "op_name", "add_float_io", "biases_to_int64", "weights_to_fp16", "buffer_readers",
+           "TensorType", "BuiltinOperator", "TYPE_NAMES"]
 
 TensorType = schema.TensorType
 BuiltinOperator = schema.BuiltinOperator
@@ -58,6 +58,11 @@ def _opcode_index(model, code: int, version: int = 1) -> int:
     oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
     model.operatorCodes.append(oc)
     return len(model.operatorCodes) - 1
+
+
+def buffer_readers(model) -> Counter:
+    """How many tensors read each buffer: an edit may drop a buffer's data only when one tensor reads it."""
+    return Counter(t.buffer for g in model.subgraphs for t in g.tensors)
 
 
 def _new_buffer(model, data: bytes | None = None) -> int:
@@ -113,7 +118,7 @@ def weights_to_fp16(model: schema.ModelT) -> int:
     stored."""
     sg = model.subgraphs[0]
     dq = _opcode_index(model, BuiltinOperator.DEQUANTIZE, DEQUANTIZE_FP16_VERSION)
-    readers = Counter(t.buffer for g in model.subgraphs for t in g.tensors)
+    readers = buffer_readers(model)
     head, done = [], set()
     for op in sg.operators:
         if _code(model, op) not in _WEIGHTED or op.inputs[1] in done:

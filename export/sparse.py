@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
+from .flatbuffer import _code, _opcode_index, buffer_readers
+
 __all__ = ["STORAGES", "SPARSE_KINDS", "csr_encode", "csr_decode", "sparse_nbytes", "best_order", "sparsify", "stored_weights",
            "dense_array"]
 
@@ -147,9 +149,6 @@ def dense_array(model: schema.ModelT, tensor: schema.TensorT) -> np.ndarray:
                       _index_values(last.arrayIndicesType, last.arrayIndices), shape, order)
 
 
-def _code(model, op) -> int:
-    oc = model.operatorCodes[op.opcodeIndex]
-    return max(oc.builtinCode, oc.deprecatedBuiltinCode)
 
 
 def stored_weights(model: schema.ModelT) -> list[tuple[int, int, np.ndarray]]:
@@ -170,22 +169,8 @@ def stored_weights(model: schema.ModelT) -> list[tuple[int, int, np.ndarray]]:
     return out
 
 
-def _opcode_index(model: schema.ModelT, code: int) -> int:
-    for i, oc in enumerate(model.operatorCodes):
-        if max(oc.builtinCode, oc.deprecatedBuiltinCode) == code:
-            return i
-    oc = schema.OperatorCodeT()
-    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1
-    model.operatorCodes.append(oc)
-    return len(model.operatorCodes) - 1
 
 
-def _buffer_users(model: schema.ModelT) -> dict[int, int]:
-    users: dict[int, int] = {}
-    for sg in model.subgraphs:
-        for t in sg.tensors:
-            users[t.buffer] = users.get(t.buffer, 0) + 1
-    return users
 
 
 def sparsify(model: schema.ModelT, storage: str) -> dict:
@@ -195,7 +180,7 @@ def sparsify(model: schema.ModelT, storage: str) -> dict:
     note = {"storage": storage, "sparse_weights": 0, "dense_weights": 0, "bytes_saved_estimate": 0}
     if storage == "dense":
         return note
-    sg, users = model.subgraphs[0], _buffer_users(model)
+    sg, users = model.subgraphs[0], buffer_readers(model)
     ops = []
     for op in sg.operators:
         w = op.inputs[1] if _code(model, op) in _SPARSE_OPS and len(op.inputs) > 1 else -1
