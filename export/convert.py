@@ -144,7 +144,8 @@ def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = F
         model = fb.read(data)
         notes["weights_stored_fp16"] = fb.weights_to_fp16(model)
         data = fb.write(model)
-    if kind in ("int8", "int16") or storage != "dense":
+    quantized = kind in ("int8", "int16", "weight-only")    # per-channel zero-points that fb.write shares
+    if quantized or storage != "dense":
         model = fb.read(data)
         if kind == "int16":
             codes = [layer.bias_codes().numpy() for layer in qlayers(qm).values()]
@@ -152,6 +153,6 @@ def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = F
         if float_io and kind in ("int8", "int16"):
             fb.add_float_io(model)
         notes["weights"] = sparse.sparsify(model, storage)
-        if kind in ("int8", "int16") or notes["weights"]["sparse_weights"]:   # float files: bytes as converted
+        if quantized or notes["weights"]["sparse_weights"]:   # float files: bytes as converted
             data = fb.write(model)
     return data, notes

@@ -122,6 +122,42 @@ def test_outputs_match_simulation(w8a8, ckpts, cifar_small):
     assert r["max_lsb"] <= 1 and r["agreement"] == 1.0
 
 
+def test_zero_points_are_stored_once(w8a8, cifar_small):
+    """fb.write shares identical vectors: every per-channel zero-point vector of one length sits at one offset, and
+    the file is smaller than the same tables packed one vector each (TensorFlow's way) by at least 8 bytes for each
+    int64 zero-point not written again, with the same outputs under both kernel sets."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+    from export.validate import interpreter
+    from mobilenet.data import BatchLoader
+    path, _ = w8a8
+    data = path.read_bytes()
+    root = schema.Model.GetRootAs(data, 0)
+    sg = root.Subgraphs(0)
+    where: dict[int, set] = {}
+    repeats = 0
+    for i in range(sg.TensorsLength()):
+        q = sg.Tensors(i).Quantization()
+        if q is None or q.ZeroPointLength() < 2:
+            continue
+        o = q._tab.Offset(10)                               # zero_point: the fourth field (vtable slot 10)
+        where.setdefault(q.ZeroPointLength(), set()).add(q._tab.Vector(o))
+        repeats += 1
+    assert where and all(len(positions) == 1 for positions in where.values()), where
+    unshared = bytes(fbu.convert_object_to_bytearray(fbu.read_model_from_bytearray(bytearray(data))))
+    assert len(unshared) - len(data) >= 8 * (repeats - len(where))
+    x, _ = next(iter(BatchLoader(cifar_small.test.subset(torch.arange(8)), 8)))
+    codes = torch.clamp(torch.round(x * 40), -128, 127).to(torch.int8).numpy()
+    for kernels in ("xnnpack", "builtin"):
+        outs = []
+        for blob in (data, unshared):
+            it = interpreter(blob, kernels)
+            i, o = it.get_input_details()[0], it.get_output_details()[0]
+            outs.append([(it.set_tensor(i["index"], c[None]), it.invoke(), it.get_tensor(o["index"]).copy())[2]
+                         for c in codes])
+        assert np.array_equal(np.stack(outs[0]), np.stack(outs[1])), kernels
+
+
 def test_corrupted_scale_is_caught(w8a8, ckpts, tmp_path, monkeypatch, capsys):
     """One weight scale nudged by one float32 ulp in the flatbuffer: validation refuses and keeps no file."""
     from export import flatbuffer as fb
