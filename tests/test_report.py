@@ -240,3 +240,22 @@ def test_collect_meta(tmp_path):
     assert meta["machine"]["cores"] >= 1 and meta["machine"]["cpu"]
     assert meta["seed"] == 1 and meta["date"]
     json.dumps(meta)     # what write_meta stores
+
+
+def test_the_pruning_designs_table_beside_ours(tmp_path):
+    """With a pruning report beside the matrix, the page sets our stages next to the design's expected figures
+    (bench.study_report.DESIGN_STAGES) and states the unequal baselines."""
+    import json
+    d = make_results(tmp_path / "r")
+    (d / "prune" / "prune_report.json").write_text(json.dumps({
+        "acc_baseline": 0.824, "acc_pruned": 0.1976, "acc_bn_recalibrated": 0.8071, "acc_finetuned": 0.8030,
+        "ratio": 0.7, "eval_images": 10000, "size_baseline": {"dense_bytes": 9_080_000, "gzip_bytes": 8_400_000},
+        "size_pruned": {"dense_bytes": 9_080_000, "gzip_bytes": 3_000_000}}))
+    md, _ = study_report.write_report(d)
+    rows = {r[0]: r for r in _md_rows(md.read_text()) if r[0] in {s[0] for s in study_report.DESIGN_STAGES}}
+    assert rows["baseline FP32"] == ["baseline FP32", "9.08 MB (weights)", "82.40 %", "9.0 MB", "94.50 %"]
+    assert rows["pruned 70 %"][1:] == ["9.08 MB (stored dense)", "80.71 %", "9.0 MB", "93.00 %"]
+    assert rows["fine-tuned"][1:] == ["8.96 MB (FP32 .tflite, sparse storage)", "80.30 %", "9.0 MB", "94.00 %"]
+    assert rows["INT8"][1:] == ["2.40 MB (W8A8 .tflite)", "90.50 %", "2.3 MB", "93.50 %"]
+    text = md.read_text()
+    assert "ours -1.69, -2.10, +8.10 points" in text and "the design's -1.50, -0.50, -1.00" in text
