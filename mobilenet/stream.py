@@ -8,6 +8,7 @@ a file is `fit_image` of its decoded pixels, bit for bit the image the in-memory
 Training augmentation, decided per image from a seed the sampler hands out (so an epoch is reproducible whatever
 worker decodes which image):
     imagenet layout   RandomResizedCrop of the full decoded image (scale 0.08-1, aspect 3/4-4/3) + horizontal flip
+                      (data.random_resized_crop, which the in-memory path applies to its stored center crops)
     cifar layout      the evaluation image, then the in-memory path's pad-4 random crop + horizontal flip
 
 Ranks: a DistributedSampler gives each rank of a torchrun job its own shard of every epoch (disjoint, together
@@ -16,7 +17,6 @@ the whole epoch but for fewer than world_size images), from a permutation seeded
 from __future__ import annotations
 
 import importlib
-import math
 import os
 from pathlib import Path
 
@@ -25,9 +25,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .data import DATA_MODES, DataError, Split, augment_batch, check_mode, fit_image, stratified_indices
+from .data import (DATA_MODES, DataError, Split, augment_batch, check_mode, fit_image, random_resized_crop,
+                   stratified_indices)
 
-__all__ = ["FileSplit", "list_images", "random_resized_crop", "decode_file", "memory_bytes", "choose_mode",
+__all__ = ["FileSplit", "list_images", "decode_file", "memory_bytes", "choose_mode",
            "DATA_MODES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -53,33 +54,6 @@ def decode_file(path: str | Path) -> torch.Tensor:
         return decode_image(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
         raise DataError(f"cannot decode {path}: {e}") from None
-
-
-def random_resized_crop(img: torch.Tensor, res: int, g: torch.Generator, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """torchvision's RandomResizedCrop (the same search: 10 tries, then the centre at the nearest allowed aspect)
-    and a horizontal flip, every draw from `g`. uint8 (3, H, W) -> (3, res, res)."""
-    from torchvision.transforms.v2 import functional as TF
-    _, h, w = img.shape
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(2, generator=g).tolist()
-        area = h * w * (scale[0] + u[0] * (scale[1] - scale[0]))
-        aspect = math.exp(log_r[0] + u[1] * (log_r[1] - log_r[0]))
-        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-            break
-    else:
-        cw, ch = w, h
-        if w / h < ratio[0]:
-            ch = round(w / ratio[0])
-        elif w / h > ratio[1]:
-            cw = round(h * ratio[1])
-        top, left = (h - ch) // 2, (w - cw) // 2
-    out = TF.resized_crop(img, top, left, ch, cw, [res, res], antialias=True)
-    return out.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else out
 
 
 class _Files(torch.utils.data.Dataset):
