@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from .model import check_resolution
 
 __all__ = ["DataConfig", "Split", "Dataset", "load_dataset", "BatchLoader", "normalize", "augment_batch",
-           "crop_box", "random_resized_crop", "resized_crop_batch", "RRC_SCALE", "RRC_RATIO", "fit_image", "stratified_indices", "check_mode", "DataError", "SOURCES", "DATA_MODES", "CIFAR10_CLASSES",
+           "crop_box", "random_resized_crop", "resized_crop_batch", "RRC_SCALE", "RRC_RATIO", "fit_image",
+           "stratified_indices", "check_mode", "DataError", "SOURCES", "DATA_MODES", "CIFAR10_CLASSES",
            "DEFAULT_DATA", "DEFAULT_CACHE"]
 
 SOURCES = ("folder", "cifar-batches", "random")
