@@ -16,6 +16,7 @@ the whole epoch but for fewer than world_size images), from a permutation seeded
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 from pathlib import Path
@@ -107,6 +108,16 @@ def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor] | str:
     return errors[0] if errors else torch.utils.data.default_collate(items)
 
 
+def release_free_heap() -> None:
+    """Hand the C allocator's free pages back to the kernel (glibc's malloc_trim; elsewhere nothing). A forked
+    worker maps every resident page of its parent, and after a training epoch glibc keeps the freed activation
+    memory of the last steps resident: workers forked for the evaluation that follows would map it too."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
+
+
 def _worker_init(_):
     torch.set_num_threads(1)   # one decoding thread per worker: the workers, not threads, use the cores
 
@@ -164,6 +175,8 @@ class FileSplit:
         """Batches (uint8 (B, 3, res, res), int64 (B,)) of this rank's shard of epoch `epoch`."""
         for name in ("torchvision.io", "torchvision.transforms.v2.functional"):   # before the workers fork,
             importlib.import_module(name)                                          # so that they inherit them
+        if self.workers:
+            release_free_heap()
         shard = self.shard(rank, world_size, shuffle, seed, epoch)
         sampler = torch.utils.data.BatchSampler(_Seeded(shard, seed, epoch, rank), batch_size, drop_last)
         loader = DataLoader(_Files(self, augment), batch_sampler=sampler, collate_fn=_collate,
