@@ -210,6 +210,17 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.2f}"
 
 
+class _Runs(dict):
+    """name -> a run's figures, each printed as soon as its run ends (a long run interrupted keeps what it had)."""
+
+    def __setitem__(self, name, r):
+        super().__setitem__(name, r)
+        print(f"{name:>17}: {r['mode']:>6}, {r['train_images']:5d} images, {r['images_per_s']:6.2f} img/s, peak "
+              f"PSS {_gb(r['pss'])} GB (anonymous {_gb(r['anon'])}), main RSS {_gb(r['main_rss'])} GB, summed RSS "
+              f"{_gb(r['rss'])} GB, {r['processes']} processes; load before {' '.join(map(str, r['load']))}",
+              flush=True)
+
+
 def main(argv=None) -> int:
     p = Parser(prog="benchmarks/stream_bench.py", description=__doc__.split("\n\n")[0])
     add_config(p, StreamBenchConfig)
@@ -225,7 +236,8 @@ def main(argv=None) -> int:
               f"{decoded / 1e9:.2f} GB; --memory-budget {budget} = {budget * memory_bytes() / 1e9:.2f} GB")
         auto = ("--data-mode", "auto", "--memory-budget", str(budget))
         big = f"streamed {cfg.images // 1000}k"
-        runs = {big: train(cfg, tree, work / "runs" / "big", cfg.steps, *auto)}
+        runs = _Runs()
+        runs[big] = train(cfg, tree, work / "runs" / "big", cfg.steps, *auto)
         assert runs[big]["mode"] == "stream", "auto should have streamed the tree"
         if cfg.extra_batch:
             runs[f"{big} b{cfg.extra_batch}"] = train(cfg, tree, work / "runs" / f"big-b{cfg.extra_batch}",
@@ -238,10 +250,6 @@ def main(argv=None) -> int:
     finally:
         if not cfg.work:
             shutil.rmtree(work, ignore_errors=True)
-    for name, r in runs.items():
-        print(f"{name:>17}: {r['mode']:>6}, {r['train_images']:5d} images, {r['images_per_s']:6.2f} img/s, peak "
-              f"PSS {_gb(r['pss'])} GB (anonymous {_gb(r['anon'])}), main RSS {_gb(r['main_rss'])} GB, summed RSS "
-              f"{_gb(r['rss'])} GB, {r['processes']} processes; load before {' '.join(map(str, r['load']))}")
     speed = {m: [runs[f"subset {m} {r + 1}"]["images_per_s"] for r in range(cfg.repeats)] for m in ("memory", "stream")}
     for m, xs in speed.items():
         print(f"subset {m:>6} img/s: min {min(xs):.2f}, median {statistics.median(xs):.2f}, max {max(xs):.2f}")
