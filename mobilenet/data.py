@@ -8,12 +8,16 @@ Sources (`DataConfig.source`):
     random          synthetic tensors for smoke runs (no files at all)
 
 Images are decoded once and cached as uint8 (N, 3, H, W) tensors beside the unpacked tree. Normalization to
-float and augmentation (pad-4 random crop, horizontal flip) happen per batch, on the whole batch at once.
+float and training augmentation happen per batch:
+    cifar layout      pad-4 random crop + horizontal flip, on the whole batch in a few tensor ops (augment_batch)
+    imagenet layout   torchvision's RandomResizedCrop (scale 0.08-1, aspect 3/4-4/3) + horizontal flip of each
+                      image (resized_crop_batch), the augmentation the streamed path applies to its files
 A folder whose decoded images exceed `memory_budget` of the machine's memory is streamed instead: read from
 its files on demand in DataLoader workers (mobilenet/stream.py), nothing decoded is cached.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -26,7 +30,8 @@ import torch.nn.functional as F
 from .model import check_resolution
 
 __all__ = ["DataConfig", "Split", "Dataset", "load_dataset", "BatchLoader", "normalize", "augment_batch",
-           "fit_image", "stratified_indices", "check_mode", "DataError", "SOURCES", "DATA_MODES", "CIFAR10_CLASSES",
+           "crop_box", "random_resized_crop", "resized_crop_batch", "RRC_SCALE", "RRC_RATIO", "fit_image",
+           "stratified_indices", "check_mode", "DataError", "SOURCES", "DATA_MODES", "CIFAR10_CLASSES",
            "DEFAULT_DATA", "DEFAULT_CACHE"]
 
 SOURCES = ("folder", "cifar-batches", "random")
@@ -34,6 +39,8 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 _HERE = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = str(_HERE.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 DEFAULT_CACHE = os.environ.get("MNV2_CACHE", str(Path.home() / ".cache" / "mnv2-compress"))
+RRC_SCALE = (0.08, 1.0)       # RandomResizedCrop: area of a crop, fraction of the image's (torchvision's default)
+RRC_RATIO = (3 / 4, 4 / 3)    # RandomResizedCrop: width / height of a crop (torchvision's default)
 MEAN_STD = {
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -157,6 +164,53 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 4
     return torch.where(flip, out.flip(3), out).contiguous()
 
 
+def crop_box(h: int, w: int, g: torch.Generator, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a RandomResizedCrop box in an h x w image, torchvision's rule:
+    1. up to 10 tries: area uniform in scale x h*w, aspect (width / height) log-uniform in ratio, the box's sides
+       rounded; the first box that fits is placed uniformly at random;
+    2. none fits: the centred box at the allowed aspect nearest the image's (the whole image when it is allowed).
+    The draws are torchvision's (`RandomResizedCrop.make_params`), in its order and float32 arithmetic, taken from
+    `g` instead of the global generator: a generator seeded like `torch.manual_seed(s)` gives torchvision's box."""
+    if not 0 < scale[0] <= scale[1]:
+        raise ValueError(f"RandomResizedCrop scale should be (low, high) with 0 < low <= high instead of {scale}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"RandomResizedCrop ratio should be (low, high) with 0 < low <= high instead of {ratio}")
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        area = h * w * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
+        cw, ch = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, size=(1,), generator=g).item())
+            left = int(torch.randint(0, w - cw + 1, size=(1,), generator=g).item())
+            return top, left, ch, cw
+    ch, cw = h, w
+    if w / h < min(ratio):
+        ch = int(round(w / min(ratio)))
+    elif w / h > max(ratio):
+        cw = int(round(h * max(ratio)))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def random_resized_crop(img: torch.Tensor, res: int, g: torch.Generator, scale=RRC_SCALE,
+                        ratio=RRC_RATIO) -> torch.Tensor:
+    """RandomResizedCrop (crop_box, resized to res x res with antialiasing) and a horizontal flip with
+    probability 1/2, every draw from `g`. uint8 (3, H, W) -> (3, res, res)."""
+    from torchvision.transforms.v2 import functional as TF   # ~3 s to import: only where images are cropped
+    top, left, ch, cw = crop_box(img.shape[-2], img.shape[-1], g, scale, ratio)
+    out = TF.resized_crop(img, top, left, ch, cw, [res, res], antialias=True)
+    return out.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else out
+
+
+def resized_crop_batch(images: torch.Tensor, g: torch.Generator, scale=RRC_SCALE, ratio=RRC_RATIO) -> torch.Tensor:
+    """random_resized_crop of each image of a uint8 batch (N, 3, H, W) back to H x W, the images in turn drawing
+    from `g` (one image's draws: its box, then its flip). Per image, as each crop has its own size to resize from:
+    at 224x224 about 1 ms an image, small beside a training step."""
+    if images.shape[-2] != images.shape[-1]:
+        raise ValueError(f"resized_crop_batch expects square images, not {tuple(images.shape[-2:])}")
+    return torch.stack([random_resized_crop(x, images.shape[-1], g, scale, ratio) for x in images])
+
+
 class BatchLoader:
     """Iterate over a Split in batches of normalized float tensors.
 
@@ -205,8 +259,8 @@ class BatchLoader:
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.split.images[idx]
-            if self.augment:
-                x = augment_batch(x, g)
+            if self.augment:   # the streamed path's augmentation, from the stored center crop
+                x = resized_crop_batch(x, g) if self.layout == "imagenet" else augment_batch(x, g)
             yield self._finish(x, self.split.labels[idx])
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor):

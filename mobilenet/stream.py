@@ -8,6 +8,7 @@ a file is `fit_image` of its decoded pixels, bit for bit the image the in-memory
 Training augmentation, decided per image from a seed the sampler hands out (so an epoch is reproducible whatever
 worker decodes which image):
     imagenet layout   RandomResizedCrop of the full decoded image (scale 0.08-1, aspect 3/4-4/3) + horizontal flip
+                      (data.random_resized_crop, which the in-memory path applies to its stored center crops)
     cifar layout      the evaluation image, then the in-memory path's pad-4 random crop + horizontal flip
 
 Ranks: a DistributedSampler gives each rank of a torchrun job its own shard of every epoch (disjoint, together
@@ -15,8 +16,8 @@ the whole epoch but for fewer than world_size images), from a permutation seeded
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
-import math
 import os
 from pathlib import Path
 
@@ -25,9 +26,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .data import DATA_MODES, DataError, Split, augment_batch, check_mode, fit_image, stratified_indices
+from .data import (DATA_MODES, DataError, Split, augment_batch, check_mode, fit_image, random_resized_crop,
+                   stratified_indices)
 
-__all__ = ["FileSplit", "list_images", "random_resized_crop", "decode_file", "memory_bytes", "choose_mode",
+__all__ = ["FileSplit", "list_images", "decode_file", "memory_bytes", "choose_mode",
            "DATA_MODES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -53,33 +55,6 @@ def decode_file(path: str | Path) -> torch.Tensor:
         return decode_image(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
         raise DataError(f"cannot decode {path}: {e}") from None
-
-
-def random_resized_crop(img: torch.Tensor, res: int, g: torch.Generator, scale=(0.08, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """torchvision's RandomResizedCrop (the same search: 10 tries, then the centre at the nearest allowed aspect)
-    and a horizontal flip, every draw from `g`. uint8 (3, H, W) -> (3, res, res)."""
-    from torchvision.transforms.v2 import functional as TF
-    _, h, w = img.shape
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(2, generator=g).tolist()
-        area = h * w * (scale[0] + u[0] * (scale[1] - scale[0]))
-        aspect = math.exp(log_r[0] + u[1] * (log_r[1] - log_r[0]))
-        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-            break
-    else:
-        cw, ch = w, h
-        if w / h < ratio[0]:
-            ch = round(w / ratio[0])
-        elif w / h > ratio[1]:
-            cw = round(h * ratio[1])
-        top, left = (h - ch) // 2, (w - cw) // 2
-    out = TF.resized_crop(img, top, left, ch, cw, [res, res], antialias=True)
-    return out.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else out
 
 
 class _Files(torch.utils.data.Dataset):
@@ -131,6 +106,16 @@ def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor] | str:
     """A batch (uint8 (B, 3, res, res), int64 (B,)), or the first error among its files."""
     errors = [err for img, err in items if img is None]
     return errors[0] if errors else torch.utils.data.default_collate(items)
+
+
+def release_free_heap() -> None:
+    """Hand the C allocator's free pages back to the kernel (glibc's malloc_trim; elsewhere nothing). A forked
+    worker maps every resident page of its parent, and after a training epoch glibc keeps the freed activation
+    memory of the last steps resident: workers forked for the evaluation that follows would map it too."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
 
 
 def _worker_init(_):
@@ -190,6 +175,8 @@ class FileSplit:
         """Batches (uint8 (B, 3, res, res), int64 (B,)) of this rank's shard of epoch `epoch`."""
         for name in ("torchvision.io", "torchvision.transforms.v2.functional"):   # before the workers fork,
             importlib.import_module(name)                                          # so that they inherit them
+        if self.workers:
+            release_free_heap()
         shard = self.shard(rank, world_size, shuffle, seed, epoch)
         sampler = torch.utils.data.BatchSampler(_Seeded(shard, seed, epoch, rank), batch_size, drop_last)
         loader = DataLoader(_Files(self, augment), batch_sampler=sampler, collate_fn=_collate,

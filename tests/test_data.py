@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 
 import mobilenet.data as data_mod
 from conftest import CIFAR_TGZ
-from mobilenet.data import BatchLoader, DataConfig, DataError, augment_batch, load_dataset, normalize
+from mobilenet.data import (RRC_RATIO, RRC_SCALE, BatchLoader, DataConfig, DataError, Split, augment_batch, crop_box,
+                            load_dataset, normalize, random_resized_crop, resized_crop_batch)
 from mobilenet.folder import find_tree
 
 
@@ -235,6 +237,92 @@ def test_batch_loader_ranks_split_the_epoch(cifar_small):
     plain = BatchLoader(cifar_small.train, 32, shuffle=True, seed=1)
     # the two ranks together take one epoch's order exactly once
     assert torch.equal(torch.cat(seen), torch.cat([y for _, y in plain]))
+
+
+# ---------------------------------------------------------------------------------------------- RandomResizedCrop
+
+SIZES = [(224, 224), (256, 320), (30, 40), (50, 400), (400, 50)]   # (H, W): square, photo, tiny, too wide, too tall
+
+
+@pytest.mark.parametrize("h,w", SIZES)
+def test_crop_box_is_torchvisions_box(h, w):
+    """Exact: torchvision's RandomResizedCrop.get_params under torch.manual_seed(s) is the independent reference."""
+    from torchvision.transforms import RandomResizedCrop
+    img = torch.empty(3, h, w)
+    with torch.random.fork_rng():
+        for s in range(100):
+            torch.manual_seed(s)
+            ref = tuple(int(v) for v in RandomResizedCrop.get_params(img, list(RRC_SCALE), list(RRC_RATIO)))
+            assert crop_box(h, w, torch.Generator().manual_seed(s)) == ref, f"seed {s}"
+
+
+@pytest.mark.parametrize("h,w", SIZES[:3])
+def test_crop_boxes_follow_the_scale_and_ratio_rules(h, w):
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([crop_box(h, w, g) for _ in range(500)], dtype=torch.float64)   # (500, 4) t, l, h, w
+    top, left, ch, cw = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + ch <= h).all() and (left + cw <= w).all()
+    # sides are rounded to whole pixels: the area may stray from scale by the half-pixel border (ch + cw) / 2
+    area = ch * cw
+    slack = (ch + cw) / 2 + 0.25
+    assert (area >= RRC_SCALE[0] * h * w - slack).all() and (area <= RRC_SCALE[1] * h * w + slack).all()
+    # and the aspect by a half pixel on either side
+    assert ((cw + 0.5) / (ch - 0.5) >= RRC_RATIO[0]).all() and ((cw - 0.5) / (ch + 0.5) <= RRC_RATIO[1]).all()
+    frac = area / (h * w)      # spread over the whole range, not stuck at one end
+    assert frac.min() < 0.15 and frac.max() > 0.85 and (cw / ch).min() < 0.8 and (cw / ch).max() > 1.25
+
+
+@pytest.mark.parametrize("h,w,box", [(50, 400, (0, 166, 50, 67)),     # wider than 4/3: full height, 4/3 wide
+                                     (400, 50, (166, 0, 67, 50)),     # taller than 3/4: full width, 4/3 high
+                                     (30, 40, (0, 0, 30, 40))])       # 4/3 allowed: the whole image
+def test_crop_box_falls_back_to_the_centre(h, w, box):
+    # an area of 2-3 times the image never fits in 10 tries
+    assert crop_box(h, w, torch.Generator().manual_seed(0), scale=(2.0, 3.0)) == box
+
+
+@pytest.mark.parametrize("scale,ratio,bad", [((0.0, 1.0), RRC_RATIO, "scale"), ((0.5, 0.2), RRC_RATIO, "scale"),
+                                             (RRC_SCALE, (1.5, 1.0), "ratio")])
+def test_crop_box_rejects_bad_ranges_naming_them(scale, ratio, bad):
+    value = re.escape(str(scale if bad == "scale" else ratio))
+    with pytest.raises(ValueError, match=f"{bad} should be .* instead of {value}"):
+        crop_box(10, 10, torch.Generator(), scale, ratio)
+
+
+def test_resized_crop_batch_crops_flips_and_repeats_per_seed():
+    images = torch.randint(0, 256, (32, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    out = resized_crop_batch(images, torch.Generator().manual_seed(3))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(out, resized_crop_batch(images, torch.Generator().manual_seed(3)))
+    assert not torch.equal(out, resized_crop_batch(images, torch.Generator().manual_seed(4)))
+    # a box of the whole image: the output is the image or its mirror, about half mirrored
+    whole = resized_crop_batch(images, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    flipped = [torch.equal(o, x.flip(-1)) for o, x in zip(whole, images)]
+    assert all(f or torch.equal(o, x) for f, o, x in zip(flipped, whole, images)) and 8 <= sum(flipped) <= 24
+    with pytest.raises(ValueError, match=r"square images, not \(24, 20\)"):
+        resized_crop_batch(images[..., :20], torch.Generator())
+
+
+def test_in_memory_and_streamed_paths_share_one_random_resized_crop():
+    import mobilenet.stream as stream
+    assert stream.random_resized_crop is random_resized_crop   # the streamed path's per-file augmentation
+    images = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(9)
+    one_by_one = torch.stack([random_resized_crop(x, 24, g) for x in images])
+    assert torch.equal(resized_crop_batch(images, torch.Generator().manual_seed(9)), one_by_one)
+
+
+@pytest.mark.parametrize("layout,crop", [("imagenet", "resized_crop_batch"), ("cifar", "augment_batch")])
+def test_batch_loader_augments_by_layout(layout, crop, monkeypatch):
+    split = Split(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.zeros(16, dtype=torch.long))
+    called = []
+    for name in ("resized_crop_batch", "augment_batch"):
+        real = getattr(data_mod, name)
+        monkeypatch.setattr(data_mod, name, lambda x, g, _n=name, _f=real: called.append(_n) or _f(x, g))
+
+    def epoch(seed):
+        return torch.cat([x for x, _ in BatchLoader(split, 8, layout, shuffle=True, augment=True, seed=seed)])
+    a = epoch(0)
+    assert called == [crop, crop] and torch.equal(a, epoch(0)) and not torch.equal(a, epoch(1))
 
 
 def test_normalize():

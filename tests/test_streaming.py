@@ -13,7 +13,8 @@ import mobilenet.stream as stream
 import train
 from conftest import ROOT, make_image_tree
 from mobilenet.data import BatchLoader, DataConfig, DataError, load_dataset
-from mobilenet.stream import FileSplit, random_resized_crop
+from mobilenet.data import random_resized_crop
+from mobilenet.stream import FileSplit
 
 
 @pytest.fixture(scope="module")
