@@ -197,3 +197,15 @@ def test_w4_storage_value_is_checked(w4, tmp_path, capsys):
     assert rc == 2
     assert "--w4-storage should be one of auto, int8 instead of 'int3'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_matrix_rows_export_w4_packed(w4, monkeypatch):
+    """bench matrix exports its W4 rows with the default (packed) storage and notes it in export_note."""
+    import export
+    from bench.matrix import MatrixConfig, _export
+    seen = []
+    monkeypatch.setattr(export, "run_export", lambda cfg: seen.append(cfg) or w4["W4A8"]["report"])
+    row = _export(MatrixConfig(), w4["W4A8"]["qm"].qcfg, w4["W4A8"]["ckpt"], w4["W4A8"]["path"])
+    assert seen[0].w4_storage == "auto" and row["export_status"] == "ok"
+    assert row["export_note"] == ("4-bit weights: 35 int4 packed (builtin CONV_2D), 17 int4 packed (builtin "
+                                  "DEPTHWISE_CONV_2D), 1 int4 packed (XNNPACK FULLY_CONNECTED)")
