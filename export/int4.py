@@ -21,13 +21,13 @@ model, tests/test_int4.py):
                                               to the builtin kernels': the weight
                                               is no constant for the delegate)
 
-ai-edge-quantizer's weight_only_wi4_afp32 writes the same INT4 + DEQUANTIZE pair (it leaves depthwise weights
-float). A packed weight stays dense: DENSIFY has no INT4 output, so `sparse.sparsify` runs after this and only
-sees the int8 weights.
-
 So with the XNNPACK delegate an INT4 conv runs on the builtin int8 kernels and the rest of the graph in
 XNNPACK: `builtin_layers` names those layers for the integer simulation (export/intsim.py), which gives each
 layer the arithmetic of the kernel that runs it.
+
+ai-edge-quantizer's weight_only_wi4_afp32 writes the same INT4 + DEQUANTIZE pair (it leaves depthwise weights
+float). A packed weight stays dense: DENSIFY has no INT4 output, so `sparse.sparsify` runs after this and only
+sees the int8 weights.
 
     w4 storage   what 4-bit weights become
     auto         int4 packed wherever the table above has a kernel, int8 elsewhere (the default)

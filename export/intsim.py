@@ -5,7 +5,9 @@ they round: a 1-LSB difference at a rounding tie in one layer moves the next lay
 the output drifts by up to 2 LSB. This module reproduces the runtime's integer arithmetic instead, op by op
 (export/kernels.py: XNNPACK's or the builtin kernels'), from our own frozen QMobileNet parameters (never from the
 file: it is the independent reference the file is checked against), in the order of the one graph walk
-(quantize/graph.py).
+(quantize/graph.py). The kernel set is chosen for the whole network, except for the layers named in
+`builtin_layers`: a file's INT4 convs leave the XNNPACK delegate (export/int4.py), so under XNNPACK those layers
+get the builtin arithmetic and everything else XNNPACK's.
 
 Edges: the NCHW input TRANSPOSE and PAD move codes without arithmetic (PAD fills with the input zero-point,
 which is what zero-padding of x_q - x_zp means here). Float-io QUANTIZE / DEQUANTIZE are not modelled: the

@@ -15,9 +15,10 @@ Two parts, both on the bytes before they are kept:
    rate, largest difference in output LSBs and top-1 agreement, with XNNPACK (the default CPU path, which gates)
    and with the builtin kernels. For int8 graphs the reference is the integer simulation (`int_sim_outputs`,
    export/intsim.py: the runtime's own integer arithmetic, bit-exact with XNNPACK and with the builtin kernels,
-   tests/test_export_intsim.py), and the float fake-quant simulation (`sim_outputs`) is reported beside it (it
-   drifts by 1-2 LSB over a deep graph: rounding ties decided differently compound); int16 graphs are compared
-   with the float simulation.
+   tests/test_export_intsim.py; under XNNPACK the layers whose INT4 weights leave the delegate, read from the file
+   by `builtin_layers_of`, get the builtin arithmetic), and the float fake-quant simulation (`sim_outputs`) is
+   reported beside it (it drifts by 1-2 LSB over a deep graph: rounding ties decided differently compound);
+   int16 graphs are compared with the float simulation.
 
     gate (int8 graphs)       any output more than 1 LSB off the integer simulation, or top-1 agreement below 99.9%
     gate (int16 graphs)      the same against the float simulation, in int16 LSBs

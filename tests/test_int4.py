@@ -187,6 +187,7 @@ def test_w4a32_packed_behind_dequantize(w4):
     v = rep["validation"]
     assert v["passed"] and v["structure_problems"] == [] and v["structure"]["int4_weights"] == 53
     assert rep["file_summary"]["ops"]["DEQUANTIZE"] == 53
+    assert rep["file_summary"]["constant_tensor_types"]["int4"] == 53       # read from the schema, not numpy
 
 
 def test_w4_storage_value_is_checked(w4, tmp_path, capsys):
