@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from mobilenet.model import with_resolution
 from quantize.config import QuantConfig
 from quantize.matrix import fp32_logits, matrix_rows, method_of, sim_columns, study_key
 
-__all__ = ["MatrixConfig", "study_rows", "run_matrix", "row_name"]
+__all__ = ["MatrixConfig", "study_rows", "run_matrix", "row_name", "w4_note"]
 
 _RUN_KEYS = ("command", "commit", "commit_dirty", "date")
 _SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -97,22 +98,30 @@ def _quantize(model, dataset, qcfg: QuantConfig, path: Path):
     return qm
 
 
+def w4_note(storage: dict[str, str] | None) -> str:
+    """The matrix row's account of its 4-bit weights (export/int4.py), e.g. "4-bit weights: 52 int4 packed
+    (builtin CONV_2D / DEPTHWISE_CONV_2D), 1 int4 packed (XNNPACK FULLY_CONNECTED)"; empty for other rows."""
+    if not storage:
+        return ""
+    counts = Counter(storage.values())
+    return "4-bit weights: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda c: -c[1]))
+
+
 def _export(cfg: MatrixConfig, qcfg: QuantConfig, ckpt: Path, tfl: Path) -> dict:
     from export import ExportConfig, ExportError, export_kind, run_export
-    w4 = "int8" if qcfg.w_bits == 4 else None
     try:
-        export_kind(qcfg, w4)
+        export_kind(qcfg)
     except ExportError as e:
         return {"export_status": "refused", "export_note": str(e).splitlines()[0]}
     try:
-        rep = run_export(ExportConfig(checkpoint=str(ckpt), out=str(tfl), w4_storage=w4, data=cfg.data,
+        rep = run_export(ExportConfig(checkpoint=str(ckpt), out=str(tfl), data=cfg.data,
                                       val_images=cfg.val_images, skip_builtin=True, data_mode=cfg.data_mode,
                                       memory_budget=cfg.memory_budget, reported_images=cfg.reported_images))
     except ExportError as e:
         return {"export_status": "failed", "export_note": str(e).splitlines()[0]}
     v = rep["validation"]["runs"]["xnnpack"]
     fs = rep["file_summary"]
-    note = "4-bit weights stored as int8 values in [-7, 7]" if w4 else ""
+    note = w4_note(rep["graph"].get("w4_storage"))
     if qcfg.act_mode == "dynamic":
         note = "static int16 ranges (LiteRT has no dynamic int16 path)"
     return {"export_status": "ok", "export_note": note, "tflite": str(tfl),

@@ -19,7 +19,8 @@ already in the file replaces that row in place, so a matrix run that stops half-
     weight_bytes      int    bytes of the stored weights (bits x count / 8, plus scales)
     tflite            str    path of the exported .tflite, empty if none
     export_status     str    ok | refused | failed | skipped
-    export_note       str    why refused / failed / skipped
+    export_note       str    why refused / failed / skipped; for a 4-bit row, how many weights are packed INT4
+                             (and on which kernels) and how many int8 (export/int4.py)
     file_bytes        int    size of the .tflite file
     gzip_bytes        int    size of the .tflite after gzip -9
     exact_match       float  fraction of the file's int8 outputs equal to the simulation's (true/false read as 1/0)

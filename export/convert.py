@@ -7,8 +7,11 @@
              biases; int8 input and output unless float io
     W8A16    int16 activations (symmetric, zero-point 0, STATIC     calibrate static int16 ranges at export, Q/DQ,
              ranges), int8 weights, int64 biases                    then rewrite the int32 biases as int64
-    W4A8     4-bit weights held as int8 values in [-7, 7]: exact,   only with w4_storage="int8" (asked for by name);
-    W4A32    no size gain                                           refused otherwise
+    W4A8     4-bit weights: packed INT4 (two codes a byte) where   converted as int8 values in [-7, 7], then
+             LiteRT has a kernel for them, int8 elsewhere; the      rewritten as INT4 (export/int4.py) unless
+             INT4 convs run on builtin kernels, not XNNPACK         w4_storage="int8" (exact, no size gain)
+    W4A32    packed INT4 behind each DEQUANTIZE (as ai-edge-        the same; every weight has a kernel
+             quantizer's weight_only_wi4_afp32), float compute
     W16A32   fp16 weights + DEQUANTIZE, float compute:             plain convert of the half-rounded weights, then
     (fp16)   LiteRT's 16-bit weight format (its DEQUANTIZE takes    each float32 weight stored as float16 behind a
              no per-channel int16); the simulation rounds the       DEQUANTIZE (export/flatbuffer.py)
@@ -32,7 +35,7 @@ from quantize.graph import link_inputs
 from quantize.qmodel import QMobileNet, calibrate, freeze, qlayers
 
 from . import flatbuffer as fb
-from . import sparse
+from . import int4, sparse
 from .qdq import QDQMobileNet
 
 __all__ = ["ExportError", "export_kind", "check_storage", "static_int16", "litert_bytes", "convert",
@@ -45,25 +48,23 @@ class ExportError(ValueError):
     """A model or configuration that cannot become a real LiteRT file (or a file that failed validation)."""
 
 
-def export_kind(cfg: QuantConfig, w4_storage: str | None = None) -> str:
-    """Which kind of file `cfg` becomes, or ExportError saying why LiteRT cannot run it."""
+def export_kind(cfg: QuantConfig, w4_storage: str = "auto") -> str:
+    """Which kind of file `cfg` becomes, or ExportError saying why LiteRT cannot run it (or naming a
+    `w4_storage` that is not one of int4.W4_STORAGES)."""
+    if w4_storage not in int4.W4_STORAGES:
+        raise ExportError(f"--w4-storage should be one of {', '.join(int4.W4_STORAGES)} instead of "
+                          f"{w4_storage!r}")
     if cfg.is_float:
         return "fp32"
     if cfg.fp16_weights:
         return "fp16"
     if cfg.w_bits is None:
         raise ExportError(f"{cfg.name}: float weights with quantized activations has no LiteRT kernel")
-    if cfg.w_bits == 4:
-        if w4_storage != "int8":
-            raise ExportError(
-                f"{cfg.name}: 4-bit weights are refused by default. LiteRT runs them exactly only as int8 values "
-                "in [-7, 7] (no size gain: pass --w4-storage int8 to export that); torch.int4 is rejected by "
-                "torch.export and real INT4 tensors run convs on slow non-XNNPACK kernels")
-    elif cfg.w_bits == 16:
+    if cfg.w_bits == 16:
         raise ExportError(
             f"{cfg.name}: LiteRT has no int16 weight path (its DEQUANTIZE rejects per-channel int16); its 16-bit "
             "weights are fp16: use w_format fp16 (the W16A32 recipe)")
-    elif cfg.w_bits != 8:
+    elif cfg.w_bits not in (4, 8):
         raise ExportError(f"{cfg.name}: {cfg.w_bits}-bit weights have no LiteRT storage type")
     if cfg.a_bits is None:
         return "weight-only"
@@ -131,12 +132,14 @@ def litert_bytes(qm: QMobileNet, kind: str, nhwc: bool) -> bytes:
 
 
 def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = False,
-            weights_storage: str = "dense") -> tuple[bytes, dict]:
+            weights_storage: str = "dense", w4_storage: str = "auto") -> tuple[bytes, dict]:
     """The .tflite bytes of `qm` (frozen) as `kind`, batch 1, conv weights stored as `weights_storage` says
-    (export/sparse.py). Returns (bytes, notes on what was edited)."""
+    (export/sparse.py), 4-bit weights as `w4_storage` says (export/int4.py). Returns (bytes, notes on what was
+    edited)."""
     if kind not in KINDS:
         raise ExportError(f"unknown export kind {kind!r}; expected one of {KINDS}")
     storage = check_storage(kind, weights_storage)
+    w4 = qm.qcfg.w_bits == 4 and not qm.qcfg.fp16_weights
     data = litert_bytes(qm, kind, nhwc)
     float_io = float_io or kind in ("fp32", "fp16", "weight-only")  # float graphs have float io anyway
     notes = {"batch": 1, "layout": "NHWC" if nhwc else "NCHW", "float_io": float_io}
@@ -152,6 +155,8 @@ def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = F
             notes["biases_rewritten_int64"] = fb.biases_to_int64(model, codes)
         if float_io and kind in ("int8", "int16"):
             fb.add_float_io(model)
+        if w4:   # before sparsify: a packed weight stays dense (DENSIFY has no INT4 output), the rest may not
+            notes["w4_storage"] = int4.pack_weights(model, list(qlayers(qm)), w4_storage)
         notes["weights"] = sparse.sparsify(model, storage)
         if quantized or notes["weights"]["sparse_weights"]:   # float files: bytes as converted
             data = fb.write(model)

@@ -5,7 +5,9 @@ they round: a 1-LSB difference at a rounding tie in one layer moves the next lay
 the output drifts by up to 2 LSB. This module reproduces the runtime's integer arithmetic instead, op by op
 (export/kernels.py: XNNPACK's or the builtin kernels'), from our own frozen QMobileNet parameters (never from the
 file: it is the independent reference the file is checked against), in the order of the one graph walk
-(quantize/graph.py).
+(quantize/graph.py). The kernel set is chosen for the whole network, except for the layers named in
+`builtin_layers`: a file's INT4 convs leave the XNNPACK delegate (export/int4.py), so under XNNPACK those layers
+get the builtin arithmetic and everything else XNNPACK's.
 
 Edges: the NCHW input TRANSPOSE and PAD move codes without arithmetic (PAD fills with the input zero-point,
 which is what zero-padding of x_q - x_zp means here). Float-io QUANTIZE / DEQUANTIZE are not modelled: the
@@ -117,10 +119,12 @@ def layer_int(layer: QLayer, x: torch.Tensor, in_qp: tuple[float, int], kernels:
 
 
 class _IntOps(graph.Ops):
-    """A value is (codes, (scale, zero-point)): the codes of a tensor and the quantization they are in."""
+    """A value is (codes, (scale, zero-point)): the codes of a tensor and the quantization they are in.
+    `builtin`: the conv / linear modules that run on the builtin kernels whatever `kernels` says (an INT4 weight
+    that XNNPACK rejects, export/int4.py)."""
 
-    def __init__(self, kernels: str, exact64: bool):
-        self.kernels, self.exact64 = kernels, exact64
+    def __init__(self, kernels: str, exact64: bool, builtin: frozenset = frozenset()):
+        self.kernels, self.exact64, self.builtin = kernels, exact64, builtin
         self.add_op = K.add_xnnpack if kernels == "xnnpack" else K.add_builtin
         self.mean_op = K.mean_xnnpack if kernels == "xnnpack" else K.mean_builtin
 
@@ -128,7 +132,8 @@ class _IntOps(graph.Ops):
         return codes.to(torch.int64), _act(net.quant_in)
 
     def layer(self, layer, v):
-        return layer_int(layer, v[0], v[1], self.kernels, self.exact64), _act(layer.out_fq)
+        kernels = "builtin" if id(layer) in self.builtin else self.kernels
+        return layer_int(layer, v[0], v[1], kernels, self.exact64), _act(layer.out_fq)
 
     def add(self, block, skip, v):
         (a, (s_a, zp_a)), (b, (s_b, zp_b)), (s_out, zp_out) = skip, v, _act(block.add_fq)
@@ -139,12 +144,24 @@ class _IntOps(graph.Ops):
         return self.mean_op(x, zp_in, s_in, s_out, zp_out), (s_out, zp_out)
 
 
+def _builtin_modules(qm: QMobileNet, builtin_layers) -> frozenset:
+    layers = qlayers(qm)
+    unknown = sorted(set(builtin_layers) - set(layers))
+    if unknown:
+        raise ValueError(f"builtin_layers names layers the model does not have: {unknown[:3]}")
+    return frozenset(id(layers[n]) for n in builtin_layers)
+
+
 @torch.no_grad()
-def int_forward(qm: QMobileNet, codes: torch.Tensor, kernels: str = "xnnpack", exact64: bool = False) -> torch.Tensor:
-    """Input codes (N, 3, H, W) of the input quantizer -> output codes (N, classes), int64."""
+def int_forward(qm: QMobileNet, codes: torch.Tensor, kernels: str = "xnnpack", exact64: bool = False,
+                builtin_layers=()) -> torch.Tensor:
+    """Input codes (N, 3, H, W) of the input quantizer -> output codes (N, classes), int64. `builtin_layers`:
+    names (quantize.qmodel.qlayers) of the conv / linear layers computed with the builtin arithmetic whatever
+    `kernels` says: in a file whose INT4 convs leave the XNNPACK delegate, the kernels that run them."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels should be one of {KERNELS}, not {kernels!r}")
-    codes, _ = graph.network(qm, codes, _IntOps(kernels, exact64))
+    ops = _IntOps(kernels, exact64, _builtin_modules(qm, builtin_layers))
+    codes, _ = graph.network(qm, codes, ops)
     return codes.to(torch.int64)
 
 
@@ -154,19 +171,20 @@ def _check_supported(qm: QMobileNet):
     for layer in qlayers(qm).values():
         if layer.w_fq is None or layer.w_fq.spec.bits > 8 or not layer.w_fq.frozen:
             raise ValueError("the integer simulation needs frozen weight quantizers of 8 bits or fewer "
-                             "(4-bit weights are stored as int8 codes in [-7, 7])")
+                             "(4-bit codes are int8 values in [-7, 7] to the kernels, packed in the file or not)")
 
 
 @torch.no_grad()
 def int_outputs(qm: QMobileNet, images: torch.Tensor, kernels: str = "xnnpack", batch: int = 64,
-                exact64: bool = False) -> torch.Tensor:
+                exact64: bool = False, builtin_layers=()) -> torch.Tensor:
     """int8 output codes (N, classes), as int64, that the file computes for float images (N, 3, H, W) fed as
-    the input quantizer's codes (what `validate.run_file` does with an int8-input file)."""
+    the input quantizer's codes (what `validate.run_file` does with an int8-input file); `builtin_layers` as in
+    `int_forward`."""
     _check_supported(qm)
     fq = qm.quant_in
     outs = []
     for i in tqdm(range(0, len(images), batch), desc=f"integer simulation ({kernels})", unit="batch",
                   leave=False, disable=None, mininterval=1.0):
         codes = quantize(images[i:i + batch], fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax)
-        outs.append(int_forward(qm, codes, kernels, exact64))
+        outs.append(int_forward(qm, codes, kernels, exact64, builtin_layers))
     return torch.cat(outs) if outs else torch.zeros(0, qm.classifier.op.out_features, dtype=torch.int64)

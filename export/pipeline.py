@@ -5,10 +5,12 @@
           frozen simulation; an FP32 / pruned one is exported as FP32 only
     2     decide the file kind from the quant config, or refuse (never another precision)
     3     W8A16: calibrate static int16 ranges (the simulation's are dynamic; LiteRT's int16 path is static)
-    4     convert (batch 1) and apply the flatbuffer edits (float io, int64 biases, sparse weights where they
-          save bytes); write to a temporary file beside --out
+    4     convert (batch 1) and apply the flatbuffer edits (float io, int64 biases, 4-bit weights packed as INT4
+          where LiteRT has a kernel for them, sparse weights where they save bytes); write to a temporary file
+          beside --out
     5     validate the temporary file: structure, then N test images through the file (XNNPACK gates; builtin
-          kernels reported too) and through the simulation
+          kernels reported too) and through the simulation of the kernels that run it (an INT4 conv leaves the
+          XNNPACK delegate: that layer is simulated with the builtin arithmetic)
     6     rename it to --out and write <out>.json; on any failure delete it and raise ExportError
 """
 from __future__ import annotations
@@ -50,8 +52,9 @@ class ExportConfig:
     float_io: bool = opt(False, "integer graphs: float input and output (one QUANTIZE and one DEQUANTIZE at the "
                                 "edges)")
     nhwc: bool = opt(False, "input (1, H, W, 3) instead of (1, 3, H, W) (no TRANSPOSE at the input)")
-    w4_storage: str | None = opt(None, "'int8': export 4-bit weights as int8 values in [-7, 7] (runs exactly, no "
-                                       "size gain)")
+    w4_storage: str = opt("auto", "4-bit weights: auto (packed INT4, two codes a byte, wherever LiteRT has a "
+                                  "kernel for them, int8 elsewhere; INT4 convs run on builtin kernels, not "
+                                  "XNNPACK) | int8 (int8 values in [-7, 7] everywhere: no size gain)")
     weights_storage: str = opt("auto", "conv weights of FP32 and INT8 files: auto (CSR + DENSIFY op per weight "
                                        "wherever that takes fewer bytes: pruned models) | sparse (every weight "
                                        "with a zero) | dense")
@@ -108,6 +111,7 @@ def _validate(data: bytes, qm, kind: str, cfg: ExportConfig, x: torch.Tensor, y:
     # int8: the gate is the integer simulation of XNNPACK on every image; the float64 fake-quant simulation and
     # the builtin kernels are reported only, on the first `reported_images` (they cost ~10x more per image)
     n_rep = min(len(x), max(1, cfg.reported_images)) if int8 else len(x)
+    builtin = V.builtin_layers_of(data, qm) if int8 else set()   # layers that leave the XNNPACK delegate
     sim = V.sim_outputs(qm, x[:n_rep], int_graph)
     runs = {}
     limit = cfg.max_lsb_int16 if kind == "int16" else cfg.max_lsb
@@ -116,8 +120,12 @@ def _validate(data: bytes, qm, kind: str, cfg: ExportConfig, x: torch.Tensor, y:
         xs, ys = (x, y) if kernels == "xnnpack" else (x[:n_rep], y[:n_rep])
         got = V.run_file(data, qm, xs, kernels=kernels, int_out=int_graph, nhwc=cfg.nhwc)
         if int8:  # the reference is our integer simulation of these kernels; the float simulation is reported
-            r = V.compare_codes(V.int_sim_outputs(qm, xs, kernels), got, ys, limit)
+            r = V.compare_codes(V.int_sim_outputs(qm, xs, kernels, builtin), got, ys, limit)
             r["reference"] = f"integer simulation ({kernels} arithmetic)"
+            if kernels == "xnnpack" and builtin:
+                r["reference"] = (f"integer simulation (xnnpack arithmetic; builtin for the {len(builtin)} layers "
+                                  "whose INT4 weights XNNPACK rejects)")
+                r["builtin_layers"] = sorted(builtin)
             r["vs_float_sim"] = V.compare_codes(sim, got[:n_rep], ys[:n_rep], limit)
             r["vs_float_sim"].pop("passed")   # reported only: no verdict (the float simulation drifts, see intsim)
         else:
@@ -172,7 +180,7 @@ def run_export(cfg: ExportConfig) -> dict:
 
     t0 = time.perf_counter()
     data, notes = convert(qm, kind, float_io=cfg.float_io, nhwc=cfg.nhwc,               # 4
-                          weights_storage=cfg.weights_storage)
+                          weights_storage=cfg.weights_storage, w4_storage=cfg.w4_storage)
     convert_s = time.perf_counter() - t0
     with atomic_file(out) as tmp:           # renamed to --out only if the block ends without an exception (6)
         tmp.write_bytes(data)

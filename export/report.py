@@ -22,8 +22,8 @@ def gzip_size(data: bytes) -> int:
 
 def file_summary(data: bytes) -> dict:
     """Size, gzip size, op counts (in graph order of first appearance), and tensor dtypes split into constants
-    (weights, biases, shapes) and activations (everything an op writes, plus the inputs). A sparse weight counts
-    once, as the constant its DENSIFY op writes."""
+    (weights, biases, shapes; packed INT4 weights as int4) and activations (everything an op writes, plus the
+    inputs). A sparse weight counts once, as the constant its DENSIFY op writes."""
     it = interpreter(data, "builtin")
     ops = it._get_ops_details()
     td = {d["index"]: d for d in it.get_tensor_details()}
@@ -31,7 +31,10 @@ def file_summary(data: bytes) -> dict:
     sparse_in = {i for op in densify for i in op["inputs"]}
     written = {o for op in ops if op["op_name"] != "DENSIFY" for o in op["outputs"]} | \
         {d["index"] for d in it.get_input_details()}
-    const_types = Counter(td[i]["dtype"].__name__ for i in td if i not in written and i not in sparse_in)
+    # the interpreter shows a packed INT4 tensor as int8 (numpy has no int4): its type is read from the schema
+    int4 = {i for i, t in enumerate(fb.read(data).subgraphs[0].tensors) if t.type == fb.TensorType.INT4}
+    const_types = Counter("int4" if i in int4 else td[i]["dtype"].__name__
+                          for i in td if i not in written and i not in sparse_in)
     act_types = Counter(td[i]["dtype"].__name__ for i in td if i in written)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     return {

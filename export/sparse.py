@@ -32,6 +32,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from .flatbuffer import _code, _opcode_index, buffer_readers
+from .int4 import unpack
 
 __all__ = ["STORAGES", "SPARSE_KINDS", "csr_encode", "csr_decode", "sparse_nbytes", "best_order", "sparsify", "stored_weights",
            "dense_array"]
@@ -128,13 +129,17 @@ def _index_values(kind: int, v) -> np.ndarray:
 
 
 def dense_array(model: schema.ModelT, tensor: schema.TensorT) -> np.ndarray:
-    """The values of a constant tensor in its shape: from its buffer, or decoded from CSR when it is sparse.
+    """The values of a constant tensor in its shape: from its buffer (INT4: unpacked to int8), or decoded from
+    CSR when it is sparse.
     Only the layout `csr_encode` writes is decoded (AssertionError otherwise: a file of ours changed shape)."""
-    dt = _DTYPES[tensor.type]
     raw = model.buffers[tensor.buffer].data
+    shape = [int(d) for d in tensor.shape]
+    if tensor.type == schema.TensorType.INT4:        # packed codes (export/int4.py), never sparse: as int8
+        assert tensor.sparsity is None, "a sparse INT4 tensor"
+        return unpack(np.zeros(0, np.uint8) if raw is None else raw, int(np.prod(shape))).reshape(shape)
+    dt = _DTYPES[tensor.type]
     values = np.frombuffer(np.asarray(raw, dtype=np.uint8).tobytes(), dtype=dt) if raw is not None \
         else np.zeros(0, dt)
-    shape = [int(d) for d in tensor.shape]
     sp = tensor.sparsity
     if sp is None:
         return values.reshape(shape)

@@ -20,6 +20,8 @@ that the edits and the interpreter follow:
       sizes, CSR row pointers and column indices) consistent       values and the dense output with them,
       with its shape and with the number of values its buffer      unchecked (export/sparse.py writes them)
       holds
+    a constant INT4 tensor: its buffer holds ceil(n / 2) bytes   the kernels unpack two codes a byte for the
+      for its n elements (two codes a byte, export/int4.py)        n the shape says, unchecked
 
 Which field of which table is a scalar (of which width), a string, a vector (of what) or a table (of which
 type), and which tables a union holds, is read from the generated schema module (ai_edge_litert's
@@ -226,6 +228,9 @@ def _check_indices(buf: bytes, walk: _Walk):
             if sg.Tensors(t).Sparsity() is not None:
                 _check_sparsity(sg.Tensors(t), model.Buffers(sg.Tensors(t).Buffer()), f"tensor {t} of subgraph {s}",
                                 walk)
+            elif sg.Tensors(t).Type() == schema.TensorType.INT4:
+                _check_int4(sg.Tensors(t), model.Buffers(sg.Tensors(t).Buffer()), f"tensor {t} of subgraph {s}",
+                            walk)
         io = [sg.Inputs(i) for i in range(sg.InputsLength())] + [sg.Outputs(i) for i in range(sg.OutputsLength())]
         if any(not 0 <= i < n_t for i in io):
             walk.fail(f"the inputs / outputs of subgraph {s} name tensors outside its {n_t}")
@@ -317,6 +322,20 @@ def _check_sparsity(t, buffer, what: str, walk: _Walk):
     stored = buffer.Size() if buffer.Offset() else buffer.DataLength()
     if stored != count * width:
         fail(f"the tables address {count} values of {width} bytes, the buffer holds {stored} bytes")
+
+
+def _check_int4(t, buffer, what: str, walk: _Walk):
+    """A constant INT4 tensor holds its shape's element count packed two a byte, no more, no less."""
+    stored = buffer.Size() if buffer.Offset() else buffer.DataLength()
+    if stored == 0:                                 # no data: an activation (written at run time)
+        return
+    shape = _as_list(t.ShapeAsNumpy())
+    if any(d < 0 for d in shape):
+        walk.fail(f"{what}: INT4 constant of shape {shape}")
+    n = int(np.prod(shape, dtype=np.int64))
+    if stored != (n + 1) // 2:
+        walk.fail(f"{what}: an INT4 constant of {n} elements takes {(n + 1) // 2} bytes packed, its buffer holds "
+                  f"{stored}")
 
 
 def verify(data: bytes, where: str = "the model"):

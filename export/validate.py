@@ -5,7 +5,8 @@ Two parts, both on the bytes before they are kept:
 1. structure (`check_structure`): every conv / FC weight has the integer type, scales, zero-points (0) and codes
    of our weight quantizer, on the channel axis LiteRT expects (conv/FC: 0, depthwise [1, kh, kw, C]: 3); a
    weight stored sparse (CSR constant -> DENSIFY -> conv, export/sparse.py) is decoded from the file's tables
-   here and compared the same way, its scales read where the conv reads them (the DENSIFY output); biases
+   here and compared the same way, its scales read where the conv reads them (the DENSIFY output); a 4-bit
+   weight stored as packed INT4 (export/int4.py) is unpacked here and its codes compared the same way; biases
    hold our integers (int32; int64 with int16 activations) at s_in * s_w. What is expected is read from the
    quantizers' specs (quantize/spec.py), never restated here. An integer graph has no float tensor and no
    QUANTIZE, DEQUANTIZE or TRANSPOSE inside (edge ops allowed: the float-io QUANTIZE / DEQUANTIZE and the NCHW
@@ -14,9 +15,10 @@ Two parts, both on the bytes before they are kept:
    rate, largest difference in output LSBs and top-1 agreement, with XNNPACK (the default CPU path, which gates)
    and with the builtin kernels. For int8 graphs the reference is the integer simulation (`int_sim_outputs`,
    export/intsim.py: the runtime's own integer arithmetic, bit-exact with XNNPACK and with the builtin kernels,
-   tests/test_export_intsim.py), and the float fake-quant simulation (`sim_outputs`) is reported beside it (it
-   drifts by 1-2 LSB over a deep graph: rounding ties decided differently compound); int16 graphs are compared
-   with the float simulation.
+   tests/test_export_intsim.py; under XNNPACK the layers whose INT4 weights leave the delegate, read from the file
+   by `builtin_layers_of`, get the builtin arithmetic), and the float fake-quant simulation (`sim_outputs`) is
+   reported beside it (it drifts by 1-2 LSB over a deep graph: rounding ties decided differently compound);
+   int16 graphs are compared with the float simulation.
 
     gate (int8 graphs)       any output more than 1 LSB off the integer simulation, or top-1 agreement below 99.9%
     gate (int16 graphs)      the same against the float simulation, in int16 LSBs
@@ -38,10 +40,11 @@ from quantize.qmodel import QMobileNet, qlayers, quant_points
 from quantize.spec import tflite_weight_axis
 
 from . import flatbuffer as fb
+from . import int4
 from .sparse import stored_weights
 
-__all__ = ["interpreter", "check_structure", "run_file", "sim_outputs", "int_sim_outputs", "compare_codes",
-           "compare_float",
+__all__ = ["interpreter", "check_structure", "run_file", "sim_outputs", "int_sim_outputs", "builtin_layers_of",
+           "compare_codes", "compare_float",
            "MAX_LSB", "MIN_AGREEMENT", "FLOAT_ATOL", "RESOLVERS"]
 
 MAX_LSB = 1               # output codes
@@ -79,7 +82,8 @@ def _our_layer_arrays(layer, kind: str) -> dict:
         fq = layer.w_fq
         q = layer.weight_codes().numpy()
         out.update(scale=fq.scale.reshape(-1).float().numpy(), zero_point=fq.zero_point.reshape(-1).numpy(),
-                   dtype=np.dtype(f"int{fq.spec.storage_bits}"), axis=tflite_weight_axis(layer.is_depthwise))
+                   dtype=np.dtype(f"int{fq.spec.storage_bits}"), axis=tflite_weight_axis(layer.is_depthwise),
+                   bits=fq.spec.bits)
         if kind in ("int8", "int16"):
             out["bias"] = layer.bias_codes().numpy()
             out["bias_dtype"] = np.dtype(f"int{layer.bias_spec.storage_bits}")
@@ -101,7 +105,10 @@ class _File:
     conv / FC weight's values as stored (decoded from CSR when sparse: before a run a DENSIFY output is empty)."""
 
     def __init__(self, data: bytes):
-        self.stored = {w: (src, values) for w, src, values in stored_weights(fb.read(data))}
+        model = fb.read(data)
+        self.stored = {w: (src, values) for w, src, values in stored_weights(model)}
+        # the schema type of each tensor: the interpreter shows an INT4 tensor as int8 (numpy has no int4)
+        self.int4 = {i for i, t in enumerate(model.subgraphs[0].tensors) if t.type == fb.TensorType.INT4}
         self.it = it = interpreter(data, "builtin")
         self.td = {d["index"]: d for d in it.get_tensor_details()}
         self.ops = it._get_ops_details()
@@ -129,6 +136,8 @@ def _check_weight(f: _File, op: dict, name: str, ours: dict, kind: str) -> tuple
         return [], True
     if wt["dtype"] != ours["dtype"]:
         return [f"{name}: weight is {wt['dtype'].__name__}, not {ours['dtype'].name}"], False
+    if src in f.int4 and ours["bits"] > 4:
+        return [f"{name}: weight stored as INT4, but its codes have {ours['bits']} bits"], False
     problems = []
     qp = wt["quantization_parameters"]
     if len(qp["scales"]) != len(ours["scale"]) or not np.array_equal(qp["scales"].astype(np.float32), ours["scale"]):
@@ -235,7 +244,8 @@ def check_structure(data: bytes, qm: QMobileNet, kind: str, float_io: bool) -> t
     if int_graph:
         problems += _check_activations(f, qm, float_io)
     summary = {"weights_checked": checked_w, "biases_checked": checked_b, "edge_ops": edge_ops,
-               "layers": len(layers), "sparse_weights": sum(op["op_name"] == "DENSIFY" for op in f.ops)}
+               "layers": len(layers), "sparse_weights": sum(op["op_name"] == "DENSIFY" for op in f.ops),
+               "int4_weights": sum(src in f.int4 for src, _ in f.stored.values())}
     return problems, summary
 
 
@@ -263,10 +273,18 @@ def sim_outputs(qm: QMobileNet, images: torch.Tensor, int_out: bool, batch: int 
     return y.float()
 
 
-def int_sim_outputs(qm: QMobileNet, images: torch.Tensor, kernels: str = "xnnpack") -> torch.Tensor:
-    """The integer simulation's output codes (int64) of an int8 graph: what `kernels` computes, bit for bit."""
+def int_sim_outputs(qm: QMobileNet, images: torch.Tensor, kernels: str = "xnnpack",
+                    builtin_layers=()) -> torch.Tensor:
+    """The integer simulation's output codes (int64) of an int8 graph: what `kernels` computes, bit for bit;
+    `builtin_layers` (names) run on the builtin kernels whatever `kernels` says (`builtin_layers_of`)."""
     from .intsim import int_outputs
-    return int_outputs(qm, images, kernels)
+    return int_outputs(qm, images, kernels, builtin_layers=builtin_layers)
+
+
+def builtin_layers_of(data: bytes, qm: QMobileNet) -> set[str]:
+    """The layers of the int8 file `data` that run on builtin kernels under the XNNPACK delegate, read from the
+    file (their INT4 weights: export/int4.py)."""
+    return int4.builtin_layers(fb.read(data), list(qlayers(qm)))
 
 
 def run_file(data: bytes, qm: QMobileNet, images: torch.Tensor, *, kernels: str = "xnnpack",

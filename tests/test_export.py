@@ -334,7 +334,7 @@ def test_w4a8_stored_as_int8_is_exact(ckpts, tmp_path):
 @pytest.mark.parametrize("tag,argv,needle,code", [
     ("missing", [], "not found", 2),                  # an unusable input: 2, as every command
     ("fp32", ["--config", "W8A8"], "FP32 model", 2),  # a refused export is the user's to change: 2 as well
-    ("W4A8", [], "4-bit weights are refused", 2),     # (only a file failing its validation exits with 1)
+    ("W4A8", ["--w4-storage", "int2"], "instead of 'int2'", 2),   # (only a failed validation exits with 1)
     ("W16A32 int", [], "no int16 weight path", 2),
 ])
 def test_bad_inputs(ckpts, tmp_path, capsys, tag, argv, needle, code):
