@@ -76,9 +76,12 @@ class ExportConfig:
     # weights), 9 (per-tensor); a wrong scale or code moves outputs by hundreds to thousands.
     # dynamic range: largest |logit| difference from the simulation accepted. The kernels choose each run-time
     # input code with their own last rounding (float vs double scale, ties away from zero vs to even), so now
-    # and then a code moves by one and the move propagates. MEASURED_DRIFT_PLACEHOLDER
-    max_abs_dynamic: float = opt(0.0, "dynamic-range files: largest |logit| difference from the simulation "
-                                      "accepted (measured drift on the CIFAR-10 reference plus a margin)")
+    # and then a code moves by one and the move propagates. Measured on the CIFAR-10 reference (W8A8-dynamic,
+    # per-channel, 1,000 class-stratified test images, commit 4edb748, benchmarks/RESULTS.md): max 0.111 with
+    # XNNPACK, 0.066 with the builtin kernels (a tiny test model: 3e-4). The gate is 0.25, 2.25x the largest
+    # drift measured; a changed weight scale or code is caught before that, by the structure check.
+    max_abs_dynamic: float = opt(0.25, "dynamic-range files: largest |logit| difference from the simulation "
+                                       "accepted (2.25x the drift measured on the CIFAR-10 reference)")
     max_lsb_int16: int = opt(16, "int16 graphs: the same in int16 LSBs against the float simulation (1/16 of an "
                                  "int8 step; rounding at each of ~50 layers drifts up to ~9 on the CIFAR-10 "
                                  "reference)")
