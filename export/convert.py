@@ -20,7 +20,8 @@
              folded weights to half
 
 W8A16 in the simulation is dynamic (per-sample ranges at run time); LiteRT's int16 kernels use fixed ranges,
-so the export is a *static* int16 model, validated against a static int16 simulation with the same weights.
+so the export is a *static* int16 model (reported as "W8A16 static"), validated against a static int16
+simulation with the same weights. LiteRT's only run-time activation quantization is to int8: W8A8-dynamic.
 Nothing ever falls back to another precision: a configuration that cannot be a real LiteRT file is refused.
 """
 from __future__ import annotations
