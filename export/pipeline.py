@@ -154,6 +154,8 @@ def run_export(cfg: ExportConfig) -> dict:
         raise ExportError(f"--val-images should be >= 1 instead of {cfg.val_images}")
     if cfg.reported_images < 1:
         raise ExportError(f"--reported-images should be >= 1 instead of {cfg.reported_images}")
+    if not cfg.max_abs_dynamic >= 0:   # also refuses NaN
+        raise ExportError(f"--max-abs-dynamic should be >= 0 instead of {cfg.max_abs_dynamic}")
     if cfg.compare_to:
         read_tflite(cfg.compare_to)       # a file that is not a .tflite fails now, not after the conversion
     ckpt_path = Path(cfg.checkpoint)

@@ -105,3 +105,8 @@ def test_changed_weight_code_fails_validation(dyn, tmp_path, monkeypatch, capsys
     assert rc == 1
     assert "weight codes differ" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "bad.tflite.json").exists()
+
+
+def test_bad_tolerance_names_the_value(tmp_path, capsys):
+    rc = _run(["--checkpoint", str(tmp_path / "none.pt"), "--max-abs-dynamic", "-1"])
+    assert rc == 2 and "--max-abs-dynamic should be >= 0 instead of -1.0" in capsys.readouterr().err
