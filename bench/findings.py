@@ -94,8 +94,11 @@ def w4_snr(rows: list[dict]) -> dict | None:
 
 
 def dynamic_slowdown(rows: list[dict]) -> dict | None:
-    """Host median latency of dynamic-range quantization / static W8A8, at the same thread count."""
-    dyn = sorted((r for r in rows if r.get("act_mode") == "dynamic" and _finite(r.get("host_ms_median"))), key=_pref)
+    """Host median latency of dynamic-range quantization (int8 weights, activations quantized to int8 per run:
+    the study's "W8A16 dynamic") / static W8A8, at the same thread count. The static int16 file (`W8A16 static`,
+    a_bits 16) is another kind and is not counted."""
+    dyn = sorted((r for r in rows if r.get("act_mode") == "dynamic" and r.get("a_bits") == 8
+                  and _finite(r.get("host_ms_median"))), key=_pref)
     for d in dyn:
         st = sorted((r for r in rows if _w8a8(r) and _finite(r.get("host_ms_median"))
                      and r.get("host_threads") == d.get("host_threads")), key=_pref)
@@ -222,7 +225,10 @@ STUDY = [
     ("w8_snr", "W8 SNR against FP32 (per-channel, RTN)", "22–24 dB", (22.0, 24.0), "dB"),
     ("per_tensor", "per-tensor minus per-channel SNR at W8", "-6.5 dB", (-7.5, -5.5), "dB"),
     ("w4_snr", "W4 SNR, round-to-nearest", "< 1 dB", (-math.inf, 1.0), "dB"),
-    ("dynamic_slowdown", "dynamic (W8A16) / static W8A8 host latency", "1.6× slower", (1.4, 1.8), "×"),
+    # the study's "W8A16 dynamic" (AEQ dynamic_wi8_afp32) quantizes activations to int8 at run time, as LiteRT
+    # always does: our W8A8-dynamic row, not the static int16 file (W8A16 static)
+    ("dynamic_slowdown", "dynamic range (study: \"W8A16 dynamic\"; ours: W8A8-dynamic, int8 activations per "
+     "run) / static W8A8 host latency", "1.6× slower", (1.4, 1.8), "×"),
     ("int8_size", "FP32 / INT8 file size", "~4× smaller", (3.5, 4.5), "×"),
 ]
 _MEASURES = {"w8_snr": w8_snr, "per_tensor": per_tensor_delta, "w4_snr": w4_snr,

@@ -80,7 +80,7 @@ def study_rows(calib_size: int, adaround_iters: int) -> list[tuple[QuantConfig, 
 
 def row_name(key: dict) -> str:
     parts = [key["config"], key["granularity"], key["calib"], key["method"]]
-    return "_".join(p.replace("/", "").replace("+", "-").replace(" (", "-").replace(")", "")
+    return "_".join(p.replace("/", "").replace("+", "-").replace(" (", "-").replace(")", "").replace(" ", "-")
                     for p in parts if p not in ("n/a", "rtn", "fp32"))
 
 
@@ -123,7 +123,10 @@ def _export(cfg: MatrixConfig, qcfg: QuantConfig, ckpt: Path, tfl: Path) -> dict
     fs = rep["file_summary"]
     note = w4_note(rep["graph"].get("w4_storage"))
     if qcfg.act_mode == "dynamic":
-        note = "static int16 ranges (LiteRT has no dynamic int16 path)"
+        note = ("static int16 ranges (LiteRT has no dynamic int16 path)" if qcfg.a_bits == 16 else
+                "dynamic range: int8 weights, activations quantized to int8 per run by the hybrid kernels (the "
+                "study's W8A16 dynamic; LiteRT has no 16-bit run-time path); max |logit diff| "
+                f"{v['max_abs_diff']:.3g} vs simulation")
     return {"export_status": "ok", "export_note": note, "tflite": str(tfl),
             "file_bytes": fs["size_bytes"], "gzip_bytes": fs["gzip_bytes"],
             "exact_match": v.get("exact_outputs"), "max_lsb": v.get("max_lsb"),
@@ -228,10 +231,10 @@ def run_matrix(cfg: MatrixConfig, command: str | None = None) -> Path:
                 and r[0].granularity == "per-channel" and r[0].calib == "real")]
     if cfg.only:
         names = {n.strip().upper() for n in cfg.only.split(",") if n.strip()}
-        unknown = names - {q.name for q, _ in rows}
+        unknown = names - {q.name.upper() for q, _ in rows}
         if unknown:
             raise ValueError(f"--only names unknown configs {sorted(unknown)}")
-        rows = [r for r in rows if r[0].name in names]
+        rows = [r for r in rows if r[0].name.upper() in names]
     model, _ = load_model(cfg.checkpoint)      # a bad checkpoint fails before anything is written
     with_resolution(model, cfg.resolution)
     out = Path(cfg.out)

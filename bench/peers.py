@@ -4,6 +4,7 @@ from our FP32 export and the same calibration images, and both files are measure
     our row (config, per-channel, round to nearest)   AEQ recipe
     W8A8, static int8 activations, real calibration    static_wi8_ai8
     W8A16 static (int16 activations)                   static_wi8_ai16
+    W8A8-dynamic (dynamic range)                       dynamic_wi8_afp32
     W8A32 weight-only                                  weight_only_wi8_afp32
     W4A32 weight-only                                  weight_only_wi4_afp32
     W16A32 (fp16)                                      float casting of the weights to fp16
@@ -56,6 +57,7 @@ def peer_recipe(q: QuantConfig, method: str) -> str | None:
     if not q.per_channel or (q.act_mode == "static" and q.calib != "real"):
         return None
     return {(8, 8, "static"): "static_wi8_ai8", (8, 16, "dynamic"): "static_wi8_ai16",
+            (8, 8, "dynamic"): "dynamic_wi8_afp32",
             (8, None, "none"): "weight_only_wi8_afp32", (4, None, "none"): "weight_only_wi4_afp32"
             }.get((q.w_bits, q.a_bits, q.act_mode))
 

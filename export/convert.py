@@ -6,7 +6,12 @@
     W8A8     fully int8: int8 weights, int8 activations, int32      static Q/DQ everywhere
              biases; int8 input and output unless float io
     W8A16    int16 activations (symmetric, zero-point 0, STATIC     calibrate static int16 ranges at export, Q/DQ,
-             ranges), int8 weights, int64 biases                    then rewrite the int32 biases as int64
+    static   ranges), int8 weights, int64 biases                    then rewrite the int32 biases as int64
+    W8A8-    dynamic range ("dynamic" kind; AEQ dynamic_wi8_afp32,  the weight-only graph, then each conv reads its
+    dynamic  the study's "W8A16 dynamic"): int8 weights (our        int8 weight directly (its DEQUANTIZE dropped,
+             scales), float activations and biases; each conv       export/flatbuffer.py): LiteRT's hybrid kernels
+             quantizes its float input to int8 on every run (per    (XNNPACK qd8 for CONV_2D / FC, builtin for
+             image, asymmetric) and rescales by s_in * s_w          DEPTHWISE_CONV_2D); classifier as a 1x1 conv
     W4A8     4-bit weights: packed INT4 (two codes a byte) where   converted as int8 values in [-7, 7], then
              LiteRT has a kernel for them, int8 elsewhere; the      rewritten as INT4 (export/int4.py) unless
              INT4 convs run on builtin kernels, not XNNPACK         w4_storage="int8" (exact, no size gain)
@@ -18,7 +23,8 @@
              folded weights to half
 
 W8A16 in the simulation is dynamic (per-sample ranges at run time); LiteRT's int16 kernels use fixed ranges,
-so the export is a *static* int16 model, validated against a static int16 simulation with the same weights.
+so the export is a *static* int16 model (reported as "W8A16 static"), validated against a static int16
+simulation with the same weights. LiteRT's only run-time activation quantization is to int8: W8A8-dynamic.
 Nothing ever falls back to another precision: a configuration that cannot be a real LiteRT file is refused.
 """
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .qdq import QDQMobileNet
 __all__ = ["ExportError", "export_kind", "check_storage", "static_int16", "litert_bytes", "convert",
            "KINDS"]
 
-KINDS = ("fp32", "fp16", "weight-only", "int8", "int16")
+KINDS = ("fp32", "fp16", "weight-only", "int8", "int16", "dynamic")
 
 
 class ExportError(ValueError):
@@ -70,6 +76,13 @@ def export_kind(cfg: QuantConfig, w4_storage: str = "auto") -> str:
         return "weight-only"
     if cfg.a_bits == 8 and cfg.act_mode == "static":
         return "int8"
+    if cfg.a_bits == 8 and cfg.act_mode == "dynamic" and cfg.w_bits == 8:
+        if not cfg.per_channel:
+            # measured (tiny model, ai_edge_litert 2.3.0): such a file runs, but its outputs are off by 8-25x
+            # the largest logit with XNNPACK and with the builtin kernels; per-channel weights agree to ~1 %
+            raise ExportError(f"{cfg.name}: dynamic range with per-tensor weights is refused: LiteRT's hybrid "
+                              "kernels run such a file with wrong outputs (no error); use per-channel weights")
+        return "dynamic"
     if cfg.a_bits == 16 and cfg.w_bits == 8:
         return "int16"
     raise ExportError(f"{cfg.name}: {cfg.a_bits}-bit {cfg.act_mode} activations have no LiteRT kernels "
@@ -141,11 +154,15 @@ def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = F
     storage = check_storage(kind, weights_storage)
     w4 = qm.qcfg.w_bits == 4 and not qm.qcfg.fp16_weights
     data = litert_bytes(qm, kind, nhwc)
-    float_io = float_io or kind in ("fp32", "fp16", "weight-only")  # float graphs have float io anyway
+    float_io = float_io or kind in ("fp32", "fp16", "weight-only", "dynamic")  # float graphs have float io anyway
     notes = {"batch": 1, "layout": "NHWC" if nhwc else "NCHW", "float_io": float_io}
     if kind == "fp16":
         model = fb.read(data)
         notes["weights_stored_fp16"] = fb.weights_to_fp16(model)
+        data = fb.write(model)
+    if kind == "dynamic":
+        model = fb.read(data)
+        notes["weights_read_directly"] = fb.weights_direct(model)
         data = fb.write(model)
     quantized = kind in ("int8", "int16", "weight-only")    # per-channel zero-points that fb.write shares
     if quantized or storage != "dense":

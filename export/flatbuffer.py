@@ -6,6 +6,9 @@
     biases_to_int64   int16-activation convs need int64 biases; the converter writes int32 ones, which
                       DEPTHWISE_CONV_2D refuses and CONV_2D runs with wrong results (no error); we write
                       our own integers as int64
+    weights_direct    dynamic range: each conv / FC reads its int8 weight itself (no DEQUANTIZE), so LiteRT runs
+                      its hybrid kernel, which quantizes the float input on every run (AEQ's dynamic_wi8_afp32
+                      format)
     write             every file we edit is written with identical numeric vectors stored once: per-channel
                       zero-points (int64 zeros, 8 bytes a channel, on every weight and bias) would otherwise take
                       ~9 % of an INT8 MobileNetV2 file
@@ -24,7 +27,8 @@ from ai_edge_litert.tools import flatbuffer_utils as fbu
 
 from .tflite_file import verify
 
-__all__ = ["read", "write", "op_name", "add_float_io", "biases_to_int64", "weights_to_fp16", "buffer_readers",
+__all__ = ["read", "write", "op_name", "add_float_io", "biases_to_int64", "weights_to_fp16", "weights_direct",
+           "buffer_readers",
            "TensorType", "BuiltinOperator", "TYPE_NAMES"]
 
 TensorType = schema.TensorType
@@ -169,6 +173,31 @@ def weights_to_fp16(model: schema.ModelT) -> int:
         done.add(w_idx)
     sg.operators = head + list(sg.operators)
     return len(head)
+
+
+def weights_direct(model: schema.ModelT) -> int:
+    """Dynamic range: every conv / FC of subgraph 0 whose weight is the DEQUANTIZE of an int8 constant reads the
+    int8 tensor itself (its per-channel scales and axis as they are), and a DEQUANTIZE left with no reader goes.
+    With float input and int8 weight the op is LiteRT's hybrid kernel; FULLY_CONNECTED is told to quantize its
+    input asymmetrically, as the convs always do (tflite conv.cc / depthwise_conv.cc EvalHybridPerChannel), so
+    one rule holds for every layer. Returns the number of ops that now read int8 weights."""
+    sg = model.subgraphs[0]
+    dq = {op.outputs[0]: op for op in sg.operators if _code(model, op) == BuiltinOperator.DEQUANTIZE}
+    n = 0
+    for op in sg.operators:
+        if _code(model, op) not in _WEIGHTED or op.inputs[1] not in dq:
+            continue
+        src = dq[op.inputs[1]].inputs[0]
+        if sg.tensors[src].type != TensorType.INT8:
+            continue
+        op.inputs[1] = src
+        if _code(model, op) == BuiltinOperator.FULLY_CONNECTED:
+            op.builtinOptions.asymmetricQuantizeInputs = True
+        n += 1
+    read = {i for op in sg.operators for i in op.inputs} | set(sg.outputs)
+    sg.operators = [op for op in sg.operators
+                    if _code(model, op) != BuiltinOperator.DEQUANTIZE or op.outputs[0] in read]
+    return n
 
 
 def _op(opcode: int, inputs: list[int], outputs: list[int]) -> schema.OperatorT:

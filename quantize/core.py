@@ -15,7 +15,8 @@ import torch
 
 from .spec import BiasSpec, bias_spec
 
-__all__ = ["choose_qparams", "quantize", "dequantize", "fake_quantize", "bias_scale", "bias_codes", "quantize_bias"]
+__all__ = ["choose_qparams", "dynamic_qparams", "quantize", "dequantize", "fake_quantize", "bias_scale", "bias_codes",
+           "quantize_bias"]
 
 _EPS = torch.finfo(torch.float32).eps
 BIAS = bias_spec(8)  # the int32 bias range; what the file stores it in (int32 / int64) does not change the codes
@@ -52,6 +53,18 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax
         scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=_EPS)
         zero_point = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax).to(torch.int64)
     return scale.to(torch.float32), zero_point
+
+
+def dynamic_qparams(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run-time parameters, one (scale, zero-point) per sample along dim 0, each shape (N,): `choose_qparams` of
+    the sample's own min and max. This is what LiteRT's hybrid kernels do to a float input on every run, batch row
+    by batch row (a batch-1 image: the whole tensor): tflite `AsymmetricQuantizeFloats` (conv, depthwise, per-
+    channel weights) and XNNPACK's qd8 convert (`xnn_qd8_asymmetric_quantization_params`) both take
+    [min(0, x), max(0, x)] onto [-128, 127]. They differ from this float32 rule only in the last rounding
+    (double vs float scale, ties away from zero vs to even): the drift export's validation measures."""
+    flat = x.detach().reshape(x.shape[0], -1)
+    return choose_qparams(flat.amin(1), flat.amax(1), qmin, qmax, symmetric)
 
 
 def quantize(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import choose_qparams, fake_quantize
+from .core import dynamic_qparams, fake_quantize
 from .observers import EMAObserver, MinMaxObserver, make_observer
 from .spec import QSpec
 
@@ -214,8 +214,7 @@ class DynamicFakeQuant(nn.Module):
         self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.detach().reshape(x.shape[0], -1)
-        s, z = choose_qparams(flat.amin(1), flat.amax(1), self.spec.qmin, self.spec.qmax, self.spec.symmetric)
+        s, z = dynamic_qparams(x, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
         return fake_quantize(x, s, z, self.spec.qmin, self.spec.qmax, axis=0)
 
     def extra_repr(self):

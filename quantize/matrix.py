@@ -4,7 +4,10 @@
     FP32                                       n/a                      n/a
     W8A32, W4A32 (weight-only)                 per-channel, per-tensor  n/a (no activation ranges)
     W16A32 (fp16): half-precision weights      n/a (no scales)          n/a
-    W8A16 dynamic                              per-channel, per-tensor  n/a (ranges taken at run time)
+    W8A16 static (static int16 file)           per-channel, per-tensor  n/a (the simulation's int16 ranges are
+                                                                        per sample; export calibrates static ones)
+    W8A8-dynamic (dynamic range, the study's   per-channel (LiteRT's    n/a (ranges taken at run time)
+    "W8A16 dynamic"; AEQ dynamic_wi8_afp32)    hybrid depthwise needs it)
     W8A8, W4A8                                 per-channel, per-tensor  real, random
     W8A8 per-tensor + CLE / + bias corr. / + both, W4A8 per-tensor + CLE + bias corr.           real
     W4A8 per-channel + bias corr.; W4A8, W4A32 per-channel + AdaRound; W4A8 + AdaRound + bias corr.  real
@@ -74,8 +77,8 @@ def matrix_rows(calib_size: int = 1000, adaround_iters: int = 1000, seed: int = 
     rows = [recipe("FP32", **kw), recipe("W8A8", **kw),
             recipe("W8A8", cle=True, bias_correction=True, **pt, **kw), recipe("W4A8", **kw),
             recipe("W4A8", bias_correction=True, **kw)]
-    for name in ("W8A8", "W4A8", "W8A32", "W16A32", "W4A32", "W8A16"):
-        for gran in ("per-channel", "per-tensor"):
+    for name in ("W8A8", "W4A8", "W8A32", "W16A32", "W4A32", "W8A16", "W8A8-dynamic"):
+        for gran in ("per-channel",) if name == "W8A8-dynamic" else ("per-channel", "per-tensor"):
             for calib in (("real", "random") if recipe(name).act_mode == "static" else ("real",)):
                 rows.append(recipe(name, granularity=gran, calib=calib, **kw))
     rows += [recipe("W8A8", cle=True, **pt, **kw), recipe("W8A8", bias_correction=True, **pt, **kw),

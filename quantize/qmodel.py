@@ -8,6 +8,9 @@ them:
     the pooled features                 QMobileNet.pool_fq
     the classifier output               classifier QLayer.out_fq
 
+Dynamic range (8-bit dynamic activations, `Target.dynamic_inputs`): no output points; each QLayer quantizes its
+own float input per image (`QLayer.in_fq`), as LiteRT's hybrid kernels do, and every other op stays float.
+
 Each conv/linear is a `QLayer`: weight fake-quant per output channel (or per tensor), bias as the int32 value at
 s_in * s_w when activations are static integers. For PTQ the BN is folded into the conv before `prepare`; for
 QAT the QLayer keeps its BN and simulates the fold (batch statistics until `freeze_bn`, then running ones), so
@@ -37,7 +40,10 @@ __all__ = ["QLayer", "QInvertedResidual", "QMobileNet", "prepare", "calibrate", 
 
 
 def _act_quant(cfg: QuantConfig):
+    """The quantization point at an op's output: static, dynamic (per sample) or none."""
     spec = cfg.target.activation
+    if cfg.target.dynamic_inputs:   # quantized at each conv / FC input instead (QLayer.in_fq)
+        return None
     if cfg.act_mode == "static":
         return FakeQuant(spec, cfg.act_observer)
     if cfg.act_mode == "dynamic":
@@ -57,6 +63,8 @@ class QLayer(nn.Module):
                      if target.weight is not None else None)
         self.w_half = cfg.fp16_weights   # weights rounded to IEEE half (LiteRT's fp16 storage), no integer grid
         self.out_fq = _act_quant(cfg)
+        # dynamic range: the input as the hybrid kernel quantizes it on every run, per image
+        self.in_fq = DynamicFakeQuant(target.activation) if target.dynamic_inputs else None
         self.bias_spec = target.bias  # None: the bias stays float (no integer accumulator to add it to)
         self.bn_frozen = False
         self.__dict__["input_fq"] = None  # the quantization point feeding this layer (not a child module)
@@ -121,6 +129,8 @@ class QLayer(nn.Module):
         return self.out_fq(y) if self.out_fq is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_fq is not None:
+            x = self.in_fq(x)
         if self.bn is not None and self.training and not self.bn_frozen:
             return self._forward_batch_stats(x)
         w, b = self.folded_weight_bias()

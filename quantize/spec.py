@@ -10,6 +10,9 @@ LiteRT's integer kernels (the TFLite quantization spec) expect:
                                                             conv kernel rejects zero-points)
     bias                32    int32             0           per output channel,                int32; int64 beside
                                                             scale s_in * s_w                   int16 activations
+    dynamic activation  8     [-128, 127]       from the    per tensor per image, taken by     never stored: the
+    (dynamic range)                             tensor      each conv / FC from its own float  file's activations
+                                                            input on every run (asymmetric)    are float32
 
 Other widths (2..16) follow the same rules: weights symmetric narrow-range (4-bit: [-7, 7], held as int8),
 activations asymmetric. Which widths can become a file is export's decision (export/convert.py: export_kind).
@@ -103,6 +106,14 @@ class Target:
     weight: QSpec | None
     activation: QSpec | None
     static: bool             # activation ranges fixed by calibration (an integer graph), not taken per input
+
+    @property
+    def dynamic_inputs(self) -> bool:
+        """LiteRT's dynamic-range (hybrid) kernels: integer weights, float activations that each conv / FC
+        quantizes at its own input on every run (8 bits: there is no 16-bit run-time path, so 16-bit dynamic
+        activations keep their points at op outputs and are exported as a static int16 graph instead)."""
+        return (not self.static and self.weight is not None and self.activation is not None
+                and self.activation.bits <= 8)
 
     @property
     def bias(self) -> BiasSpec | None:

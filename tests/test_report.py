@@ -56,7 +56,7 @@ SYNTHETIC = [
     (_row("W4A8", 4, 8, "static", "per-channel", "real", "adaround", top1=0.8500, snr_db=12.3,
           weight_bytes=1_200_000, export_status="refused", export_note="no INT4 kernel (synthetic note)"),
      ["85.00 %", "12.3 dB", "refused", "no INT4 kernel (synthetic note)"]),
-    (_row("W8A16", 8, 16, "dynamic", "per-channel", "n/a", "rtn", top1=0.9080, snr_db=27.0,
+    (_row("W8A8-dynamic", 8, 8, "dynamic", "per-channel", "n/a", "rtn", top1=0.9080, snr_db=27.0,
           host_ms_median=6.4, host_ms_p5=6.1, host_ms_p95=7.35),
      ["90.80 %", "27.0 dB", "6.40 ms", "6.10 ms … 7.35 ms"]),
     (_row("W8A8", 8, 8, "static", "per-channel", "real", "qat", top1=0.9088, snr_db=31.25, mse=0.0123),
