@@ -35,7 +35,8 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax
                    symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32) and zero-point (int64) covering [min_val, max_val], which is first widened to hold 0.
 
-    symmetric: scale = max(|min|, |max|) / qmax, zero-point 0 (the weight rule of the LiteRT spec);
+    symmetric: scale = max(|min|, |max|) / qmax, zero-point 0 (the weight rule of the LiteRT spec); a channel
+    of zeros among others takes the largest scale;
     asymmetric: scale = (max - min) / (qmax - qmin), zero-point = qmin - round(min / scale), clamped into range.
     Works elementwise, so per-channel ranges (C,) give per-channel parameters (C,).
     """
@@ -48,6 +49,12 @@ def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax
     if symmetric:
         amax = torch.maximum(-min_neg, max_pos)
         scale = torch.clamp(amax / float(qmax), min=_EPS)
+        # A channel that is all zeros (pruned away whole) codes to 0 at any scale, but its bias is coded at
+        # s_in * s_w: at the floor scale that overflows int32 and the converter rounds it its own way. The
+        # layer's largest scale keeps such a bias on the grid the other channels use.
+        empty = amax == 0
+        if scale.dim() > 0 and bool(empty.any()) and not bool(empty.all()):
+            scale = torch.where(empty, scale.max(), scale)
         zero_point = torch.zeros_like(scale, dtype=torch.int64)
     else:
         scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=_EPS)

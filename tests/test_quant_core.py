@@ -103,6 +103,11 @@ def test_choose_qparams_symmetric_asymmetric():
     # per channel: elementwise
     s, z = choose_qparams(torch.tensor([-1.75, 0.0]), torch.tensor([0.5, 3.5]), -7, 7, symmetric=True)
     assert s.tolist() == [0.25, 0.5] and z.tolist() == [0, 0]
+    # a pruned-away channel among others takes the layer's largest scale, so its bias codes stay in int32:
+    # b = 3.0 at s_in = 0.05 is 3.0 / (0.05 * 0.5) = 120, where the floor scale would give 5e8 (past 2^31 / 4)
+    s, z = choose_qparams(torch.tensor([-1.75, 0.0, 0.0]), torch.tensor([0.5, 3.5, 0.0]), -7, 7, symmetric=True)
+    assert s.tolist() == [0.25, 0.5, 0.5] and z.tolist() == [0, 0, 0]
+    assert bias_codes(torch.tensor([0.0, 0.0, 3.0]), 0.05, s).tolist() == [0, 0, 120]
     # all-zero range: a tiny positive scale, and 0 still maps to an exact code
     s, z = choose_qparams(torch.tensor(0.0), torch.tensor(0.0), -128, 127, symmetric=False)
     assert float(s) > 0 and float(fake_quantize(torch.zeros(3), s, z, -128, 127).abs().max()) == 0.0
