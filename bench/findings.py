@@ -13,7 +13,8 @@ from common.matrix import METHOD_NAMES, row_label
 from common.units import fmt_bytes as _mb
 from common.units import fmt_ms as _ms
 
-__all__ = ["Finding", "STUDY", "compute_findings", "compare_with_study", "w8_snr", "per_tensor_delta", "w4_snr",
+__all__ = ["Finding", "STUDY", "STUDY_ROWS", "compute_findings", "compare_with_study", "study_rows_table",
+           "study_kind", "our_setting", "w8_snr", "per_tensor_delta", "w4_snr",
            "dynamic_slowdown", "int8_size_ratio", "calibration_delta", "method_gains"]
 
 
@@ -219,35 +220,154 @@ def compute_findings(rows: list[dict]) -> list[Finding]:
 
 # ---------------------------------------------------------------- the earlier study
 
-# (key, claim, the study's figure, range counted as agreeing, unit). The ranges are ours: the study's band
-# for W8, its figure +-1 dB for the per-tensor loss, +-0.2x for the 1.6x slowdown, +-0.5x for the "~4x".
+# The earlier study's files were ai-edge-quantizer's, of the ImageNet MobileNetV2, timed on a phone:
+# (its row, file MB, latency ms). Its "W8A16 dynamic" quantized activations to int8 at run time (AEQ
+# dynamic_wi8_afp32; LiteRT has no 16-bit run-time path): the same file kind as our W8A8-dynamic row.
+STUDY_MODEL = "ImageNet, 224×224, 1000 classes"
+STUDY_DEVICE = "a Galaxy A7 phone (Arm)"
+STUDY_ROWS = [("FP32", 13.43, 5.49), ("W8A32", 3.74, 5.46), ("W8A16 dynamic", 3.71, 10.93), ("W8A8", 3.92, 6.70),
+              ("W4A32", 2.20, 9.27), ("W4A8", 2.36, 13.83)]
+# our rows of the same file kinds: (w_bits, act_mode, a_bits), round to nearest (the study's recipes), per-channel
+_KINDS = {"W8A32": (8, "none", None), "W8A16 dynamic": (8, "dynamic", 8), "W8A8": (8, "static", 8),
+          "W4A32": (4, "none", None), "W4A8": (4, "static", 8)}
+
+
+def study_kind(rows: list[dict], name: str) -> dict | None:
+    """Our row of the same file kind as the study's row `name`, exported where possible, the reference
+    configuration first."""
+    if name == "FP32":
+        return _fp32(rows)
+    w, act, a = _KINDS[name]
+    cands = [r for r in rows if r.get("w_bits") == w and r.get("act_mode") == act and r.get("method") == "rtn"
+             and (a is None or r.get("a_bits") == a)]
+    return min(cands, key=lambda r: (r.get("export_status") != "ok",) + _pref(r), default=None)
+
+
+def _latency(ra: dict, rb: dict) -> tuple[float, float, str] | None:
+    """(a, b, where) for two rows: the phone's figures when both have one, else the host's at one thread count."""
+    if _finite(ra.get("device_ms")) and _finite(rb.get("device_ms")):
+        return ra["device_ms"], rb["device_ms"], "phone"
+    if (_finite(ra.get("host_ms_median")) and _finite(rb.get("host_ms_median"))
+            and ra.get("host_threads") == rb.get("host_threads")):
+        return ra["host_ms_median"], rb["host_ms_median"], "host"
+    return None
+
+
+def _study_ratio(a: str, b: str, what: str):
+    """A measure: our row of kind a / our row of kind b, file bytes or latency."""
+    def measure(rows: list[dict]) -> dict | None:
+        ra, rb = study_kind(rows, a), study_kind(rows, b)
+        if ra is None or rb is None:
+            return None
+        if what == "size":
+            if not (_num(ra.get("file_bytes")) and _num(rb.get("file_bytes")) and rb["file_bytes"] > 0):
+                return None
+            return {"value": ra["file_bytes"] / rb["file_bytes"], "where": "file"}
+        lat = _latency(ra, rb)
+        return None if lat is None or lat[1] <= 0 else {"value": lat[0] / lat[1], "where": lat[2],
+                                                        "device": ra.get("device")}
+    return measure
+
+
+def _ratio_claim(key: str, a: str, b: str, what: str) -> tuple:
+    """A STUDY entry comparing the study's row a / row b (file bytes or latency) with ours. The ranges are
+    ours: +-10 % of the study's ratio for file sizes (byte counts barely move between runs), +-15 % for
+    latency ratios (the study's own 1.6x dynamic slowdown is 10.93 / 6.70 ms, one phone run each)."""
+    i, unit_text, rel = (1, "MB", 0.10) if what == "size" else (2, "ms", 0.15)
+    fa, fb = (next(r[i] for r in STUDY_ROWS if r[0] == n) for n in (a, b))
+    v = fa / fb
+    claim = f"{a} / {b} {'file bytes' if what == 'size' else 'latency'}"
+    return (key, claim, f"{v:.2f}× ({fa:g} / {fb:g} {unit_text})", (v * (1 - rel), v * (1 + rel)), "×",
+            "size" if what == "size" else "speed", _study_ratio(a, b, what))
+
+
+# (key, claim, the study's figure as text, range counted as agreeing, unit, what the figure depends on besides
+# the file kind: "data" = the model and its data set, "size" = the model's shape, "speed" = the model's shape and
+# the processor, measure). The SNR ranges are ours: the study's band for W8, its figure +-1 dB for the
+# per-tensor loss.
 STUDY = [
-    ("w8_snr", "W8 SNR against FP32 (per-channel, RTN)", "22–24 dB", (22.0, 24.0), "dB"),
-    ("per_tensor", "per-tensor minus per-channel SNR at W8", "-6.5 dB", (-7.5, -5.5), "dB"),
-    ("w4_snr", "W4 SNR, round-to-nearest", "< 1 dB", (-math.inf, 1.0), "dB"),
-    # the study's "W8A16 dynamic" (AEQ dynamic_wi8_afp32) quantizes activations to int8 at run time, as LiteRT
-    # always does: our W8A8-dynamic row, not the static int16 file (W8A16 static)
-    ("dynamic_slowdown", "dynamic range (study: \"W8A16 dynamic\"; ours: W8A8-dynamic, int8 activations per "
-     "run) / static W8A8 host latency", "1.6× slower", (1.4, 1.8), "×"),
-    ("int8_size", "FP32 / INT8 file size", "~4× smaller", (3.5, 4.5), "×"),
+    ("w8_snr", "W8A8 logits SNR against FP32 (per-channel, round to nearest)", "22–24 dB", (22.0, 24.0), "dB",
+     "data", w8_snr),
+    ("per_tensor", "per-tensor minus per-channel SNR at W8A8", "-6.5 dB", (-7.5, -5.5), "dB", "data",
+     per_tensor_delta),
+    ("w4_snr", "W4 SNR, round to nearest", "< 1 dB", (-math.inf, 1.0), "dB", "data", w4_snr),
+    _ratio_claim("size_fp32_w8a8", "FP32", "W8A8", "size"),
+    _ratio_claim("size_w8a32_fp32", "W8A32", "FP32", "size"),
+    _ratio_claim("size_w4a32_w8a32", "W4A32", "W8A32", "size"),
+    _ratio_claim("size_w4a8_w8a8", "W4A8", "W8A8", "size"),
+    _ratio_claim("dynamic_slowdown", "W8A16 dynamic", "W8A8", "latency"),
+    _ratio_claim("speed_w8a8_fp32", "W8A8", "FP32", "latency"),
+    _ratio_claim("speed_w8a32_fp32", "W8A32", "FP32", "latency"),
+    _ratio_claim("speed_w4a32_w8a32", "W4A32", "W8A32", "latency"),
+    _ratio_claim("speed_w4a8_w8a8", "W4A8", "W8A8", "latency"),
 ]
-_MEASURES = {"w8_snr": w8_snr, "per_tensor": per_tensor_delta, "w4_snr": w4_snr,
-             "dynamic_slowdown": dynamic_slowdown, "int8_size": int8_size_ratio}
 
 
-def compare_with_study(rows: list[dict]) -> list[dict]:
-    """One dict per study claim: claim, study, ours (text), value (float or None), verdict, tolerance."""
+def our_setting(meta: dict | None) -> dict:
+    """Our model and processor in words, from the run's meta.json, for the verdicts."""
+    meta = meta or {}
+    d, m = meta.get("data") or {}, meta.get("machine") or {}
+    model = "this run's model and data set"
+    if isinstance(d, dict) and d.get("resolution") and d.get("classes"):
+        name = "CIFAR-10" if d.get("layout") == "cifar" and len(d["classes"]) == 10 else (
+            str(d.get("root") or "").rstrip("/").rsplit("/", 1)[-1] or "its data set")
+        model = f"{name}, {d['resolution']}×{d['resolution']}, {len(d['classes'])} classes"
+    cpu = ", ".join(x for x in (m.get("cpu"), m.get("isa")) if x) if isinstance(m, dict) else ""
+    return {"model": model, "cpu": f"{cpu or 'this computer'}, XNNPACK"}
+
+
+def _differs(kind: str, where: str, setting: dict, device: str | None) -> str:
+    """What differs between the study's measurement and ours, for a figure that depends on `kind`."""
+    data = f"model and data set (ours {setting['model']}; the study's {STUDY_MODEL})"
+    if kind == "data":
+        return data
+    shape = f"model (ours {setting['model']}; the study's {STUDY_MODEL})"
+    if kind == "size":
+        return shape
+    proc = (f"phone against phone (ours {device or 'a phone'}; the study's {STUDY_DEVICE})" if where == "phone"
+            else f"CPU against phone (ours {setting['cpu']}; the study's {STUDY_DEVICE})")
+    return f"{proc}, and the {shape}"
+
+
+def compare_with_study(rows: list[dict], meta: dict | None = None) -> list[dict]:
+    """One dict per study claim: claim, study, ours (text), value (float or None), verdict, tolerance. A verdict
+    other than "agrees" names what differs between the two measurements (model and data set, CPU against
+    phone), from `meta` (the matrix's meta.json) where it is given."""
+    setting = our_setting(meta)
     out = []
-    for key, claim, study, (lo, hi), unit in STUDY:
-        m = _MEASURES[key](rows)
-        sp = "" if unit == "×" else " "
-        tol = f"< {hi:g}{sp}{unit}" if math.isinf(lo) else f"{lo:g} … {hi:g}{sp}{unit}"
+    for key, claim, study, (lo, hi), unit, kind, measure in STUDY:
+        m = measure(rows)
+        tol = f"< {hi:g} {unit}" if math.isinf(lo) else (
+            f"{lo:.2f} … {hi:.2f}×" if unit == "×" else f"{lo:g} … {hi:g} {unit}")
         if m is None:
             out.append({"key": key, "claim": claim, "study": study, "ours": "not measured", "value": None,
                         "verdict": "not measured", "tolerance": tol})
             continue
         v = m["value"]
-        ours = f"{v:.1f} dB" if unit == "dB" else f"{v:.2f}×"
-        out.append({"key": key, "claim": claim, "study": study, "ours": ours, "value": v,
-                    "verdict": "agrees" if lo <= v <= hi else "differs", "tolerance": tol})
+        where = m.get("where", "")
+        ours = f"{v:.1f} dB" if unit == "dB" else f"{v:.2f}×" + (f" ({where})" if where in ("host", "phone") else "")
+        verdict = "agrees" if lo <= v <= hi else "differs: " + _differs(kind, where, setting, m.get("device"))
+        out.append({"key": key, "claim": claim, "study": study, "ours": ours, "value": v, "verdict": verdict,
+                    "tolerance": tol})
+    return out
+
+
+def study_rows_table(rows: list[dict]) -> list[list[str]]:
+    """The study's rows beside ours of the same file kinds: [study row, our row, study MB, our MB, study ms,
+    our ms (host or phone)]."""
+    out = []
+    for name, mb, ms in STUDY_ROWS:
+        r = study_kind(rows, name)
+        if r is None:
+            out.append([name, "not measured", f"{mb:.2f} MB", "not measured", f"{ms:.2f} ms", "not measured"])
+            continue
+        label = row_label(r)
+        size = _mb(r["file_bytes"]) if _num(r.get("file_bytes")) else "not exported"
+        if _finite(r.get("device_ms")):
+            lat = f"{_ms(r['device_ms'])} (phone)"
+        elif _finite(r.get("host_ms_median")):
+            lat = f"{_ms(r['host_ms_median'])} (host, {r.get('host_threads')} thread)"
+        else:
+            lat = "not measured"
+        out.append([name, label, f"{mb:.2f} MB", size, f"{ms:.2f} ms", lat])
     return out

@@ -7,6 +7,9 @@ from our FP32 export and the same calibration images, and both files are measure
     W8A8-dynamic (dynamic range)                       dynamic_wi8_afp32
     W8A32 weight-only                                  weight_only_wi8_afp32
     W4A32 weight-only                                  weight_only_wi4_afp32
+    W4A8, static int8 activations, real calibration    static_wi4_ai8 (a configuration AEQ's README allows;
+                                                       0.10.0 has no function of that name, so it is its
+                                                       static_wi8_ai8 with num_bits 4 for the weights)
     W16A32 (fp16)                                      float casting of the weights to fp16
 
 Measured for both files, each run by the LiteRT interpreter (XNNPACK, batch 1) on the matrix's evaluation
@@ -18,6 +21,7 @@ finishes, so an interrupted run resumes) and the AEQ files in out/peers/.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import io
@@ -33,11 +37,12 @@ from mobilenet.data import BatchLoader, Split
 from quantize.config import QuantConfig
 from quantize.metrics import compare_logits
 
-__all__ = ["available", "peer_recipe", "file_logits", "run_peers", "peer_blocks", "PEER_COLUMNS"]
+__all__ = ["available", "peer_recipe", "aeq_recipe", "file_logits", "run_peers", "peer_blocks", "PEER_COLUMNS"]
 
 PEER_COLUMNS = ["config", "aeq_recipe", "eval_images", "calib_images", "ours_file", "aeq_file",
                 "ours_bytes", "aeq_bytes", "ours_snr_db", "aeq_snr_db", "ours_agreement", "aeq_agreement",
-                "ours_top1", "aeq_top1", "ours_host_ms", "aeq_host_ms", "host_rounds", "snr_goal", "size_goal"]
+                "ours_top1", "aeq_top1", "ours_host_ms", "aeq_host_ms", "host_rounds", "snr_goal", "size_goal",
+                "ours_weights", "aeq_weights"]
 _FP16 = [{"regex": ".*", "operation": "*", "algorithm_key": "float_casting",
           "op_config": {"weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"}, "compute_precision": "FLOAT",
                         "explicit_dequantize": True}}]
@@ -58,13 +63,28 @@ def peer_recipe(q: QuantConfig, method: str) -> str | None:
         return None
     return {(8, 8, "static"): "static_wi8_ai8", (8, 16, "dynamic"): "static_wi8_ai16",
             (8, 8, "dynamic"): "dynamic_wi8_afp32",
-            (8, None, "none"): "weight_only_wi8_afp32", (4, None, "none"): "weight_only_wi4_afp32"
-            }.get((q.w_bits, q.a_bits, q.act_mode))
+            (8, None, "none"): "weight_only_wi8_afp32", (4, None, "none"): "weight_only_wi4_afp32",
+            (4, 8, "static"): "static_wi4_ai8"}.get((q.w_bits, q.a_bits, q.act_mode))
+
+
+def aeq_recipe(name: str) -> list[dict]:
+    """AEQ's recipe called `name`. static_wi4_ai8 is among the configurations AEQ's README allows (4-bit symmetric
+    per-channel weights, 8-bit tensor-wise activations), but 0.10.0 has no function for it: it is static_wi8_ai8
+    with 4-bit weights, everything else as AEQ sets it. AEQ's policy then leaves depthwise convs float."""
+    from ai_edge_quantizer import recipe
+    if name == "fp16 float casting":
+        return copy.deepcopy(_FP16)
+    if name == "static_wi4_ai8" and not hasattr(recipe, name):
+        r = recipe.static_wi8_ai8()
+        for entry in r:
+            entry["op_config"]["weight_tensor_config"]["num_bits"] = 4
+        return r
+    return getattr(recipe, name)()
 
 
 def _aeq_file(fp32: Path, name: str, calib: torch.Tensor) -> bytes:
-    from ai_edge_quantizer import quantizer, recipe
-    qt = quantizer.Quantizer(str(fp32), _FP16 if name == "fp16 float casting" else getattr(recipe, name)())
+    from ai_edge_quantizer import quantizer
+    qt = quantizer.Quantizer(str(fp32), aeq_recipe(name))
     result = None
     if qt.need_calibration:
         from ai_edge_litert.interpreter import Interpreter
@@ -94,6 +114,14 @@ def file_logits(path: Path, split: Split, layout: str) -> torch.Tensor:
         y = it.get_tensor(outp["index"]).astype(np.float64)
         res.append(torch.from_numpy((y - z_out) * s_out if outp["dtype"] != np.float32 else y))
     return torch.cat(res).float()
+
+
+def weights_text(path) -> str:
+    """How a file stores its conv / FC weights, e.g. "CONV_2D INT4 ×35, DEPTHWISE_CONV_2D FLOAT32 ×17": two files
+    of one row may quantize different layers (AEQ's static_wi4_ai8 leaves the depthwise convs float)."""
+    from export.flatbuffer import read, weight_storage
+    counts = weight_storage(read(Path(path).read_bytes(), str(path)))
+    return ", ".join(f"{op} {t} ×{n}" for (op, t), n in sorted(counts.items()))
 
 
 def _done(path: Path) -> dict:
@@ -140,7 +168,8 @@ def run_peers(pairs: list[tuple[QuantConfig, str, str]], fp32_file: str, calib: 
                            ("agreement", m[k]["agreement"]), ("top1", m[k]["acc_q"]), ("host_ms", round(ms[k], 4)))},
                        # at the precision reported (0.01 dB): the same weights give the same SNR up to float order
                        "snr_goal": "met" if round(m["ours"]["snr_db"], 2) >= round(m["aeq"]["snr_db"], 2) else "missed",
-                       "size_goal": "met" if size["ours"] <= size["aeq"] else "missed"}
+                       "size_goal": "met" if size["ours"] <= size["aeq"] else "missed",
+                       "ours_weights": weights_text(ours), "aeq_weights": weights_text(aeq)}
         _write(csv_path, rows)
         r = rows[label]
         tqdm.write(f"peers: {label}: ours {r['ours_snr_db']:.1f} dB {size['ours']:,} B, AEQ ({name}) "
@@ -177,4 +206,14 @@ def peer_blocks(results: Path) -> list:
                   f"{rows[0]['host_rounds']} interleaved rounds at 1 thread. Goal: our SNR at least AEQ's and "
                   f"our file no larger."),
             ("table", ["row", "AEQ recipe", "SNR vs FP32", "top-1", "agreement with FP32", "file", "host latency",
-                       "goal"], table)]
+                       "goal"], table)] + _storage_blocks(rows)
+
+
+def _storage_blocks(rows: list[dict]) -> list:
+    """Where the two files of a pair store different layers in different types: said, since it explains a gap."""
+    differ = [r for r in rows if r.get("ours_weights") and r.get("aeq_weights")
+              and r["ours_weights"] != r["aeq_weights"]]
+    if not differ:
+        return []
+    return [("p", "Weight storage differs between the two files of these pairs (conv / FC weights by stored type):"),
+            ("ul", [f"{r['config']}: ours {r['ours_weights']}; AEQ's {r['aeq_weights']}" for r in differ])]

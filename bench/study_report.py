@@ -19,7 +19,7 @@ from common.files import atomic_write_text
 
 from common import plots
 from prune import plots as prune_plots
-from bench.findings import compare_with_study, compute_findings
+from bench.findings import STUDY_DEVICE, STUDY_MODEL, compare_with_study, compute_findings, our_setting, study_rows_table
 from bench.peers import peer_blocks
 from bench.results import PRUNE_FILES, load_prune
 from common.matrix import read_matrix
@@ -229,6 +229,22 @@ def _prune_blocks(prune: dict, plot_dir: Path, matrix_meta: dict | None, rows: l
     return out
 
 
+def _study_blocks(rows: list[dict], meta: dict | None) -> list:
+    """The earlier study's rows beside ours of the same file kinds, then its claims against ours."""
+    setting = our_setting(meta)
+    return [("h2", "Against the earlier study"),
+            ("p", f"The earlier study measured ai-edge-quantizer's files of the MobileNetV2 trained on "
+                  f"{STUDY_MODEL}, on {STUDY_DEVICE}. Ours are the same file kinds made by this toolkit from "
+                  f"{setting['model']}, timed on {setting['cpu']} unless a phone figure is given. Absolute "
+                  f"sizes and times therefore differ; the claims below compare ratios within each side, and a "
+                  f"verdict other than \"agrees\" names what differs between the two measurements."),
+            ("table", ["study row", "ours (same file kind)", "study size", "our size", "study latency",
+                       "our latency"], study_rows_table(rows)),
+            ("table", ["claim", "earlier study", "ours (measured)", "counted as agreeing if", "verdict"],
+             [[c["claim"], c["study"], c["ours"], c["tolerance"], ("verdict", c["verdict"])]
+              for c in compare_with_study(rows, meta)])]
+
+
 def build_blocks(cfg: ReportConfig, extra: list | None = None) -> list:
     """The page as blocks; `extra` blocks (e.g. the chain's stages) go right after the provenance."""
     results = Path(cfg.results_dir)
@@ -249,10 +265,7 @@ def build_blocks(cfg: ReportConfig, extra: list | None = None) -> list:
     blocks.append(("h2", "Findings"))
     findings = compute_findings(rows)
     blocks.append(("ul", [f.text for f in findings]) if findings else ("p", "Not measured: no matrix rows."))
-    blocks += [("h2", "Against the earlier study"),
-               ("table", ["claim", "earlier study", "ours (measured)", "counted as agreeing if", "verdict"],
-                [[c["claim"], c["study"], c["ours"], c["tolerance"], ("verdict", c["verdict"])]
-                 for c in compare_with_study(rows)])]
+    blocks += _study_blocks(rows, meta)
     blocks += peer_blocks(results)
     if rows:
         blocks += _matrix_tables(rows)
@@ -323,7 +336,9 @@ def _html_table(head: list[str], rows: list[list]) -> str:
 
     def cell(c, j):
         if isinstance(c, tuple):       # (kind, text): export status, verdict, shown as a tag
-            return f'<td><span class="tag {html.escape(c[1].replace(" ", "-"))}">{html.escape(c[1])}</span></td>'
+            word, _, why = c[1].partition(": ")    # "differs: model and data set (...)": the tag, then the why
+            tag = f'<span class="tag {html.escape(word.replace(" ", "-"))}">{html.escape(word)}</span>'
+            return f'<td class="wrap">{tag} {html.escape(why)}</td>' if why else f"<td>{tag}</td>"
         cls = "num" if num[j] and not isinstance(c, tuple) else "wrap" if wrap[j] else ""
         return f'<td class="{cls}">{_inline(c)}</td>' if cls else f"<td>{_inline(c)}</td>"
     heads = "".join(f'<th class="num">{html.escape(h)}</th>' if num[j] else f"<th>{html.escape(h)}</th>"

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         print(f"no matrix.csv in {src}", file=sys.stderr)
         return 2
     dest.mkdir(parents=True, exist_ok=True)
-    for f in ("matrix.csv", "meta.json"):
+    for f in ("matrix.csv", "meta.json", "peers.csv"):     # the report reads all three
         if (src / f).is_file():
             shutil.copyfile(src / f, dest / f)
     prune_dest = dest / "prune"

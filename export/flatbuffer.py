@@ -28,7 +28,7 @@ from ai_edge_litert.tools import flatbuffer_utils as fbu
 from .tflite_file import verify
 
 __all__ = ["read", "write", "op_name", "add_float_io", "biases_to_int64", "weights_to_fp16", "weights_direct",
-           "buffer_readers",
+           "buffer_readers", "weight_storage",
            "TensorType", "BuiltinOperator", "TYPE_NAMES"]
 
 TensorType = schema.TensorType
@@ -85,6 +85,21 @@ def _opcode_index(model, code: int, version: int = 1) -> int:
     oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
     model.operatorCodes.append(oc)
     return len(model.operatorCodes) - 1
+
+
+def weight_storage(model) -> Counter:
+    """(op, stored type) -> count over the convs and the FC of subgraph 0: the type of the constant each weight is
+    read from, through the DEQUANTIZE or DENSIFY in front of it, e.g. ("DEPTHWISE_CONV_2D", "FLOAT32")."""
+    sg = model.subgraphs[0]
+    writer = {o: op for op in sg.operators for o in op.outputs}
+    out = Counter()
+    for op in sg.operators:
+        if _code(model, op) in _WEIGHTED:
+            t = op.inputs[1]
+            while t in writer and op_name(model, writer[t]) in ("DEQUANTIZE", "DENSIFY"):
+                t = writer[t].inputs[0]
+            out[(op_name(model, op), TYPE_NAMES[sg.tensors[t].type])] += 1
+    return out
 
 
 def buffer_readers(model) -> Counter:

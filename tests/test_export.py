@@ -240,6 +240,14 @@ def test_aeq_peer_beside_ours(ckpts, fp32_file, w8a8, cifar_small, tmp_path):
     run_peers([(qm.qcfg, "W8A8 per-channel real rtn", str(w8a8[0]))], str(fp32_file), calib, split, ref, "cifar",
               tmp_path, host_runs=3, rounds=2)
     assert aeq.stat().st_mtime_ns == mtime                                          # resumed: not made again
+    # static_wi4_ai8, which AEQ 0.10.0 does not name: its int8 recipe with 4-bit weights. Its policy packs the
+    # convs and the FC to INT4 and leaves the 17 depthwise convs float, which the report says beside the pair
+    from bench.peers import peer_recipe, weights_text
+    from quantize.config import recipe
+    assert peer_recipe(recipe("W4A8"), "rtn") == "static_wi4_ai8" and peer_recipe(recipe("W4A8"), "adaround") is None
+    w4 = tmp_path / "w4a8_aeq.tflite"
+    w4.write_bytes(_aeq_file(fp32_file, "static_wi4_ai8", calib))
+    assert weights_text(w4) == "CONV_2D INT4 ×35, DEPTHWISE_CONV_2D FLOAT32 ×17, FULLY_CONNECTED INT4 ×1"
     # AEQ's fp16 recipe stores every conv / FC weight as float16, like ours
     it = interpreter(_aeq_file(fp32_file, "fp16 float casting", None))
     kinds = [d["dtype"] for d in it.get_tensor_details()]

@@ -168,12 +168,57 @@ def test_findings_follow_the_data(tmp_path):
     study = {c["key"]: c for c in compare_with_study(rows)}
     assert study["per_tensor"]["ours"] == "-6.5 dB" and study["per_tensor"]["verdict"] == "agrees"
     assert study["w4_snr"]["verdict"] == "agrees" and study["w8_snr"]["ours"] == "23.4 dB"
-    assert {c["key"]: c["verdict"] for c in compare_with_study(changed)}["per_tensor"] == "differs"
+    assert {c["key"]: c["verdict"] for c in compare_with_study(changed)}["per_tensor"].startswith(
+        "differs: model and data set")
 
     # the page shows the changed finding, not the old one
     d = make_results(tmp_path / "changed", rows=changed, prune=False)
     page = study_report.write_report(d)[1].read_text()
     assert "lose 11.4 dB" in page and "lose 6.5 dB" not in page
+
+
+def test_the_study_compared_file_kind_by_file_kind(tmp_path):
+    """The study's rows beside ours of the same kinds (packed W4, dynamic range as W8A8-dynamic), ratios within
+    each side against the study's, and each differing verdict naming what differs, from meta.json."""
+    from bench.findings import study_rows_table
+    rows = [r for r, _ in SYNTHETIC] + [
+        _row("W8A32", 8, None, "none", "per-channel", "n/a", "rtn", snr_db=37.0, export_status="ok",
+             file_bytes=2_300_000, host_ms_median=9.0),
+        _row("W4A32", 4, None, "none", "per-channel", "n/a", "rtn", snr_db=15.0, export_status="ok",
+             file_bytes=1_357_000, host_ms_median=18.0)]
+    meta = {"data": {"layout": "cifar", "classes": [str(i) for i in range(10)], "resolution": 32},
+            "machine": {"cpu": "Synthetic CPU", "isa": "AVX2"}}
+    by = {c["key"]: c for c in compare_with_study(rows, meta)}
+    # FP32 / W8A8: 8.96 / 2.40 = 3.73x against the study's 13.43 / 3.92 = 3.43x +-10 %
+    assert by["size_fp32_w8a8"]["ours"] == "3.73×" and by["size_fp32_w8a8"]["verdict"] == "agrees"
+    assert by["size_fp32_w8a8"]["study"] == "3.43× (13.43 / 3.92 MB)"
+    # W4A32 / W8A32: 1.357 / 2.3 = 0.59x, the study's 2.20 / 3.74 = 0.588x
+    assert by["size_w4a32_w8a32"]["ours"] == "0.59×" and by["size_w4a32_w8a32"]["verdict"] == "agrees"
+    assert by["size_w4a8_w8a8"]["verdict"] == "not measured"      # the synthetic W4A8 row has no file
+    # W8A8-dynamic 6.4 ms / W8A8 4.0 ms = 1.60x: the study's "W8A16 dynamic" is that file kind
+    assert by["dynamic_slowdown"]["ours"] == "1.60× (host)" and by["dynamic_slowdown"]["verdict"] == "agrees"
+    # both rows timed on a phone: W8A8 6.0 / FP32 20.0 ms = 0.30x against the study's 1.22x
+    assert by["speed_w8a8_fp32"]["ours"] == "0.30× (phone)"
+    assert by["speed_w8a8_fp32"]["verdict"].startswith("differs: phone against phone (ours SyntheticPhone; the "
+                                                       "study's a Galaxy A7 phone")
+    # host only: W4A32 18.0 / W8A32 9.0 ms = 2.00x against 9.27 / 5.46 = 1.70x +-15 %: differs, and says why
+    v = by["speed_w4a32_w8a32"]["verdict"]
+    assert v.startswith("differs: CPU against phone (ours Synthetic CPU, AVX2, XNNPACK; the study's a Galaxy A7")
+    assert "CIFAR-10, 32×32, 10 classes" in v and "ImageNet, 224×224, 1000 classes" in v
+    assert by["w8_snr"]["verdict"] == "agrees"                                 # 23.4 dB, in the study's band
+    rows_32 = [dict(r, snr_db=32.2) if r["config"] == "W8A8" and r["calib"] == "real" and r["method"] == "rtn"
+               and r["granularity"] == "per-channel" else r for r in rows]
+    w8 = {c["key"]: c for c in compare_with_study(rows_32, meta)}["w8_snr"]["verdict"]
+    assert w8 == "differs: model and data set (ours CIFAR-10, 32×32, 10 classes; the study's ImageNet, 224×224, " \
+                 "1000 classes)"
+    assert not any(c["verdict"] == "differs" for c in by.values())             # never a bare "differs"
+    table = {r[0]: r for r in study_rows_table(rows)}
+    assert table["W8A16 dynamic"][1].startswith("W8A8-dynamic") and table["W8A16 dynamic"][5].startswith("6.40 ms")
+    assert table["W4A32"][3] == "1.36 MB" and table["W4A8"][3] == "not exported" and table["FP32"][2] == "13.43 MB"
+    d = make_results(tmp_path / "study", rows=rows, prune=False)
+    md = study_report.write_report(d)[0].read_text()
+    section = md.split("## Against the earlier study")[1].split("\n## ")[0]
+    assert "| W4A32 | W4A32 pc rtn | 2.20 MB | 1.36 MB |" in section and "differs: CPU against phone" in section
 
 
 def test_missing_inputs_say_not_measured(tmp_path):
