@@ -185,7 +185,7 @@ def compute_findings(rows: list[dict]) -> list[Finding]:
     if (k := dynamic_slowdown(rows)) is not None:
         dy, st = k["dyn"], k["static"]
         how = f"{k['value']:.2f}× slower than" if k["value"] >= 1 else f"faster ({k['value']:.2f}× the time) than"
-        out.append(Finding("dynamic_slowdown", f"Dynamic {dy['config']} is {how} static "
+        out.append(Finding("dynamic_slowdown", f"{dy['config']} (dynamic range) is {how} static "
                                                f"{st['config']} on the host: {_ms(dy['host_ms_median'])} vs "
                                                f"{_ms(st['host_ms_median'])} median, {st['host_threads']} thread(s).",
                            k["value"], [row_label(dy), row_label(st)]))
@@ -223,12 +223,13 @@ def compute_findings(rows: list[dict]) -> list[Finding]:
 # The earlier study's files were ai-edge-quantizer's, of the ImageNet MobileNetV2, timed on a phone:
 # (its row, file MB, latency ms). Its "W8A16 dynamic" quantized activations to int8 at run time (AEQ
 # dynamic_wi8_afp32; LiteRT has no 16-bit run-time path): the same file kind as our W8A8-dynamic row.
-STUDY_MODEL = "ImageNet, 224×224, 1000 classes"
+STUDY_MODEL, STUDY_INPUT = "ImageNet, 224×224, 1000 classes", 224
 STUDY_DEVICE = "a Galaxy A7 phone (Arm)"
-STUDY_ROWS = [("FP32", 13.43, 5.49), ("W8A32", 3.74, 5.46), ("W8A16 dynamic", 3.71, 10.93), ("W8A8", 3.92, 6.70),
-              ("W4A32", 2.20, 9.27), ("W4A8", 2.36, 13.83)]
+# It measured W16A32 (fp16 weights) too, without figures in its table.
+STUDY_ROWS = [("FP32", 13.43, 5.49), ("W8A32", 3.74, 5.46), ("W16A32", None, None), ("W8A16 dynamic", 3.71, 10.93),
+              ("W8A8", 3.92, 6.70), ("W4A32", 2.20, 9.27), ("W4A8", 2.36, 13.83)]
 # our rows of the same file kinds: (w_bits, act_mode, a_bits), round to nearest (the study's recipes), per-channel
-_KINDS = {"W8A32": (8, "none", None), "W8A16 dynamic": (8, "dynamic", 8), "W8A8": (8, "static", 8),
+_KINDS = {"W8A32": (8, "none", None), "W16A32": (16, "none", None), "W8A16 dynamic": (8, "dynamic", 8), "W8A8": (8, "static", 8),
           "W4A32": (4, "none", None), "W4A8": (4, "static", 8)}
 
 
@@ -277,7 +278,7 @@ def _ratio_claim(key: str, a: str, b: str, what: str) -> tuple:
     fa, fb = (next(r[i] for r in STUDY_ROWS if r[0] == n) for n in (a, b))
     v = fa / fb
     claim = f"{a} / {b} {'file bytes' if what == 'size' else 'latency'}"
-    return (key, claim, f"{v:.2f}× ({fa:g} / {fb:g} {unit_text})", (v * (1 - rel), v * (1 + rel)), "×",
+    return (key, claim, f"{v:.2f}× ({fa:.2f} / {fb:.2f} {unit_text})", (v * (1 - rel), v * (1 + rel)), "×",
             "size" if what == "size" else "speed", _study_ratio(a, b, what))
 
 
@@ -307,13 +308,15 @@ def our_setting(meta: dict | None) -> dict:
     """Our model and processor in words, from the run's meta.json, for the verdicts."""
     meta = meta or {}
     d, m = meta.get("data") or {}, meta.get("machine") or {}
-    model = "this run's model and data set"
+    model, res = "this run's model and data set", None
     if isinstance(d, dict) and d.get("resolution") and d.get("classes"):
+        res = d["resolution"]
         name = "CIFAR-10" if d.get("layout") == "cifar" and len(d["classes"]) == 10 else (
             str(d.get("root") or "").rstrip("/").rsplit("/", 1)[-1] or "its data set")
         model = f"{name}, {d['resolution']}×{d['resolution']}, {len(d['classes'])} classes"
     cpu = ", ".join(x for x in (m.get("cpu"), m.get("isa")) if x) if isinstance(m, dict) else ""
-    return {"model": model, "cpu": f"{cpu or 'this computer'}, XNNPACK"}
+    return {"model": model, "cpu": f"{cpu or 'this computer'}, XNNPACK",
+            "input": f"{res}×{res}" if res else "this run's input size"}
 
 
 def _differs(kind: str, where: str, setting: dict, device: str | None) -> str:
@@ -321,12 +324,11 @@ def _differs(kind: str, where: str, setting: dict, device: str | None) -> str:
     data = f"model and data set (ours {setting['model']}; the study's {STUDY_MODEL})"
     if kind == "data":
         return data
-    shape = f"model (ours {setting['model']}; the study's {STUDY_MODEL})"
     if kind == "size":
-        return shape
+        return f"model (ours {setting['model']}; the study's {STUDY_MODEL})"
     proc = (f"phone against phone (ours {device or 'a phone'}; the study's {STUDY_DEVICE})" if where == "phone"
             else f"CPU against phone (ours {setting['cpu']}; the study's {STUDY_DEVICE})")
-    return f"{proc}, and the {shape}"
+    return f"{proc}, and input size (ours {setting['input']}; the study's {STUDY_INPUT}×{STUDY_INPUT})"
 
 
 def compare_with_study(rows: list[dict], meta: dict | None = None) -> list[dict]:
@@ -358,8 +360,9 @@ def study_rows_table(rows: list[dict]) -> list[list[str]]:
     out = []
     for name, mb, ms in STUDY_ROWS:
         r = study_kind(rows, name)
+        fig = ("not in its table",) * 2 if mb is None else (f"{mb:.2f} MB", f"{ms:.2f} ms")
         if r is None:
-            out.append([name, "not measured", f"{mb:.2f} MB", "not measured", f"{ms:.2f} ms", "not measured"])
+            out.append([name, "not measured", fig[0], "not measured", fig[1], "not measured"])
             continue
         label = row_label(r)
         size = _mb(r["file_bytes"]) if _num(r.get("file_bytes")) else "not exported"
@@ -369,5 +372,5 @@ def study_rows_table(rows: list[dict]) -> list[list[str]]:
             lat = f"{_ms(r['host_ms_median'])} (host, {r.get('host_threads')} thread)"
         else:
             lat = "not measured"
-        out.append([name, label, f"{mb:.2f} MB", size, f"{ms:.2f} ms", lat])
+        out.append([name, label, fig[0], size, fig[1], lat])
     return out

@@ -192,6 +192,7 @@ def test_the_study_compared_file_kind_by_file_kind(tmp_path):
     # FP32 / W8A8: 8.96 / 2.40 = 3.73x against the study's 13.43 / 3.92 = 3.43x +-10 %
     assert by["size_fp32_w8a8"]["ours"] == "3.73×" and by["size_fp32_w8a8"]["verdict"] == "agrees"
     assert by["size_fp32_w8a8"]["study"] == "3.43× (13.43 / 3.92 MB)"
+    assert by["size_w4a32_w8a32"]["study"] == "0.59× (2.20 / 3.74 MB)"
     # W4A32 / W8A32: 1.357 / 2.3 = 0.59x, the study's 2.20 / 3.74 = 0.588x
     assert by["size_w4a32_w8a32"]["ours"] == "0.59×" and by["size_w4a32_w8a32"]["verdict"] == "agrees"
     assert by["size_w4a8_w8a8"]["verdict"] == "not measured"      # the synthetic W4A8 row has no file
@@ -204,7 +205,7 @@ def test_the_study_compared_file_kind_by_file_kind(tmp_path):
     # host only: W4A32 18.0 / W8A32 9.0 ms = 2.00x against 9.27 / 5.46 = 1.70x +-15 %: differs, and says why
     v = by["speed_w4a32_w8a32"]["verdict"]
     assert v.startswith("differs: CPU against phone (ours Synthetic CPU, AVX2, XNNPACK; the study's a Galaxy A7")
-    assert "CIFAR-10, 32×32, 10 classes" in v and "ImageNet, 224×224, 1000 classes" in v
+    assert v.endswith("and input size (ours 32×32; the study's 224×224)")
     assert by["w8_snr"]["verdict"] == "agrees"                                 # 23.4 dB, in the study's band
     rows_32 = [dict(r, snr_db=32.2) if r["config"] == "W8A8" and r["calib"] == "real" and r["method"] == "rtn"
                and r["granularity"] == "per-channel" else r for r in rows]
@@ -214,6 +215,7 @@ def test_the_study_compared_file_kind_by_file_kind(tmp_path):
     assert not any(c["verdict"] == "differs" for c in by.values())             # never a bare "differs"
     table = {r[0]: r for r in study_rows_table(rows)}
     assert table["W8A16 dynamic"][1].startswith("W8A8-dynamic") and table["W8A16 dynamic"][5].startswith("6.40 ms")
+    assert table["W16A32"][1:3] == ["not measured", "not in its table"]
     assert table["W4A32"][3] == "1.36 MB" and table["W4A8"][3] == "not exported" and table["FP32"][2] == "13.43 MB"
     d = make_results(tmp_path / "study", rows=rows, prune=False)
     md = study_report.write_report(d)[0].read_text()
