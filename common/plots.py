@@ -68,7 +68,10 @@ def _width(n: int) -> float:
 
 
 def _xticks(ax, rows):
-    ax.set_xticks(range(len(rows)), [row_label(r, "\n") for r in rows], fontsize=7)
+    """One word a line: a long config name ("W8A16 static", "W16A32 (fp16)", "W8A8-dynamic") would run into its
+    neighbours' labels."""
+    ax.set_xticks(range(len(rows)), [row_label(r, "\n").replace(" ", "\n").replace("-dynamic", "\ndynamic")
+                                     for r in rows], fontsize=7)
 
 
 def _bar_chart_done(fig, ax, rows, ylabel: str, title: str, path, footer: str) -> Path:
