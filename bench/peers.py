@@ -35,6 +35,7 @@ from tqdm import tqdm
 from common.files import atomic_write_bytes, atomic_write_text
 from mobilenet.data import BatchLoader, Split
 from quantize.config import QuantConfig
+from quantize.matrix import method_of
 from quantize.metrics import compare_logits
 
 __all__ = ["available", "peer_recipe", "aeq_recipe", "file_logits", "run_peers", "peer_blocks", "PEER_COLUMNS"]
@@ -54,8 +55,10 @@ def available() -> bool:
 
 def peer_recipe(q: QuantConfig, method: str) -> str | None:
     """The AEQ recipe that makes the same kind of file as our row, or None (no such recipe, or a row of ours
-    that is not the plain per-channel round-to-nearest one AEQ's recipes correspond to)."""
-    if method != "rtn":
+    in a setting AEQ's recipes do not have: per-tensor weights, random calibration). AEQ rounds to nearest
+    only, so a row of ours with AdaRound or bias correction meets the same AEQ file as our round-to-nearest row:
+    what a user gets from each tool for that file kind."""
+    if method == "fp32":
         return None
     if q.fp16_weights:
         return "fp16 float casting"
@@ -149,7 +152,7 @@ def run_peers(pairs: list[tuple[QuantConfig, str, str]], fp32_file: str, calib: 
     csv_path, rows = out / "peers.csv", _done(out / "peers.csv")
     (out / "peers").mkdir(parents=True, exist_ok=True)
     for q, label, ours in tqdm(pairs, desc="peers", unit="pair"):
-        name = peer_recipe(q, "rtn")
+        name = peer_recipe(q, method_of(q))
         if label in rows or name is None:
             continue
         aeq = out / "peers" / (Path(ours).stem + "_aeq.tflite")

@@ -244,7 +244,8 @@ def test_aeq_peer_beside_ours(ckpts, fp32_file, w8a8, cifar_small, tmp_path):
     # convs and the FC to INT4 and leaves the 17 depthwise convs float, which the report says beside the pair
     from bench.peers import peer_recipe, weights_text
     from quantize.config import recipe
-    assert peer_recipe(recipe("W4A8"), "rtn") == "static_wi4_ai8" and peer_recipe(recipe("W4A8"), "adaround") is None
+    assert peer_recipe(recipe("W4A8"), "rtn") == "static_wi4_ai8" and peer_recipe(recipe("W4A8"), "adaround") == "static_wi4_ai8"
+    assert peer_recipe(recipe("W4A8", granularity="per-tensor"), "rtn") is None
     w4 = tmp_path / "w4a8_aeq.tflite"
     w4.write_bytes(_aeq_file(fp32_file, "static_wi4_ai8", calib))
     assert weights_text(w4) == "CONV_2D INT4 ×35, DEPTHWISE_CONV_2D FLOAT32 ×17, FULLY_CONNECTED INT4 ×1"
