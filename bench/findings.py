@@ -229,8 +229,8 @@ STUDY_DEVICE = "a Galaxy A7 phone (Arm)"
 STUDY_ROWS = [("FP32", 13.43, 5.49), ("W8A32", 3.74, 5.46), ("W16A32", None, None), ("W8A16 dynamic", 3.71, 10.93),
               ("W8A8", 3.92, 6.70), ("W4A32", 2.20, 9.27), ("W4A8", 2.36, 13.83)]
 # our rows of the same file kinds: (w_bits, act_mode, a_bits), round to nearest (the study's recipes), per-channel
-_KINDS = {"W8A32": (8, "none", None), "W16A32": (16, "none", None), "W8A16 dynamic": (8, "dynamic", 8), "W8A8": (8, "static", 8),
-          "W4A32": (4, "none", None), "W4A8": (4, "static", 8)}
+_KINDS = {"W8A32": (8, "none", None), "W16A32": (16, "none", None), "W8A16 dynamic": (8, "dynamic", 8),
+          "W8A8": (8, "static", 8), "W4A32": (4, "none", None), "W4A8": (4, "static", 8)}
 
 
 def study_kind(rows: list[dict], name: str) -> dict | None:
@@ -321,11 +321,9 @@ def our_setting(meta: dict | None) -> dict:
 
 def _differs(kind: str, where: str, setting: dict, device: str | None) -> str:
     """What differs between the study's measurement and ours, for a figure that depends on `kind`."""
-    data = f"model and data set (ours {setting['model']}; the study's {STUDY_MODEL})"
-    if kind == "data":
-        return data
-    if kind == "size":
-        return f"model (ours {setting['model']}; the study's {STUDY_MODEL})"
+    models = f"(ours {setting['model']}; the study's {STUDY_MODEL})"
+    if kind in ("data", "size"):
+        return f"{'model and data set' if kind == 'data' else 'model'} {models}"
     proc = (f"phone against phone (ours {device or 'a phone'}; the study's {STUDY_DEVICE})" if where == "phone"
             else f"CPU against phone (ours {setting['cpu']}; the study's {STUDY_DEVICE})")
     return f"{proc}, and input size (ours {setting['input']}; the study's {STUDY_INPUT}×{STUDY_INPUT})"

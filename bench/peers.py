@@ -151,15 +151,20 @@ def run_peers(pairs: list[tuple[QuantConfig, str, str]], fp32_file: str, calib: 
         return None
     csv_path, rows = out / "peers.csv", _done(out / "peers.csv")
     (out / "peers").mkdir(parents=True, exist_ok=True)
+    # AEQ rounds to nearest, so one recipe makes one file whichever of our rows (rtn, AdaRound, bias-corrected)
+    # it meets: made and measured once, also across a resumed run
+    made = {r["aeq_recipe"]: Path(r["aeq_file"]) for r in rows.values() if Path(r["aeq_file"]).is_file()}
+    aeq_metrics: dict[str, dict] = {}
     for q, label, ours in tqdm(pairs, desc="peers", unit="pair"):
         name = peer_recipe(q, method_of(q))
         if label in rows or name is None:
             continue
-        aeq = out / "peers" / (Path(ours).stem + "_aeq.tflite")
+        aeq = made.setdefault(name, out / "peers" / (Path(ours).stem + "_aeq.tflite"))
         if not aeq.is_file():
             atomic_write_bytes(_aeq_file(Path(fp32_file), name, calib), aeq)
-        m = {k: compare_logits(ref, file_logits(f, split, layout), split.labels) for k, f in
-             (("ours", ours), ("aeq", aeq))}
+        if name not in aeq_metrics:
+            aeq_metrics[name] = compare_logits(ref, file_logits(aeq, split, layout), split.labels)
+        m = {"ours": compare_logits(ref, file_logits(ours, split, layout), split.labels), "aeq": aeq_metrics[name]}
         timed = [run_host(HostConfig(models=[ours, str(aeq)], threads=[1], xnnpack=[True], runs=host_runs))
                  for _ in range(rounds)]
         ms = {k: statistics.median(t[i]["median_ms"] for t in timed) for i, k in enumerate(("ours", "aeq"))}

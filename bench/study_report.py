@@ -19,7 +19,8 @@ from common.files import atomic_write_text
 
 from common import plots
 from prune import plots as prune_plots
-from bench.findings import STUDY_DEVICE, STUDY_MODEL, compare_with_study, compute_findings, our_setting, study_rows_table
+from bench.findings import (STUDY_DEVICE, STUDY_MODEL, compare_with_study, compute_findings, our_setting,
+                            study_rows_table)
 from bench.peers import peer_blocks
 from bench.results import PRUNE_FILES, load_prune
 from common.matrix import read_matrix

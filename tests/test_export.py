@@ -240,11 +240,17 @@ def test_aeq_peer_beside_ours(ckpts, fp32_file, w8a8, cifar_small, tmp_path):
     run_peers([(qm.qcfg, "W8A8 per-channel real rtn", str(w8a8[0]))], str(fp32_file), calib, split, ref, "cifar",
               tmp_path, host_runs=3, rounds=2)
     assert aeq.stat().st_mtime_ns == mtime                                          # resumed: not made again
+    # another row of ours meeting the same recipe (an AdaRound row, say) reuses AEQ's file
+    run_peers([(qm.qcfg, "W8A8 another row", str(w8a8[0]))], str(fp32_file), calib, split, ref, "cifar",
+              tmp_path, host_runs=3, rounds=2)
+    again = {r["config"]: r for r in csv.DictReader(open(csv_path))}["W8A8 another row"]
+    assert again["aeq_file"] == str(aeq) and aeq.stat().st_mtime_ns == mtime
+    assert again["aeq_snr_db"] == r["aeq_snr_db"]
     # static_wi4_ai8, which AEQ 0.10.0 does not name: its int8 recipe with 4-bit weights. Its policy packs the
     # convs and the FC to INT4 and leaves the 17 depthwise convs float, which the report says beside the pair
     from bench.peers import peer_recipe, weights_text
     from quantize.config import recipe
-    assert peer_recipe(recipe("W4A8"), "rtn") == "static_wi4_ai8" and peer_recipe(recipe("W4A8"), "adaround") == "static_wi4_ai8"
+    assert peer_recipe(recipe("W4A8"), "rtn") == peer_recipe(recipe("W4A8"), "adaround") == "static_wi4_ai8"
     assert peer_recipe(recipe("W4A8", granularity="per-tensor"), "rtn") is None
     w4 = tmp_path / "w4a8_aeq.tflite"
     w4.write_bytes(_aeq_file(fp32_file, "static_wi4_ai8", calib))
