@@ -99,12 +99,12 @@ def _quantize(model, dataset, qcfg: QuantConfig, path: Path):
 
 
 def w4_note(storage: dict[str, str] | None) -> str:
-    """The matrix row's account of its 4-bit weights (export/int4.py), e.g. "4-bit weights: 52 int4 packed
-    (builtin CONV_2D / DEPTHWISE_CONV_2D), 1 int4 packed (XNNPACK FULLY_CONNECTED)"; empty for other rows."""
+    """The matrix row's account of its weights when some are 4-bit (export/int4.py), e.g. "weights: 35 int4 packed
+    (builtin CONV_2D), 17 int8 (8-bit weights), 1 int4 packed (XNNPACK FULLY_CONNECTED)"; empty for other rows."""
     if not storage:
         return ""
     counts = Counter(storage.values())
-    return "4-bit weights: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda c: -c[1]))
+    return "weights: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda c: -c[1]))
 
 
 def _export(cfg: MatrixConfig, qcfg: QuantConfig, ckpt: Path, tfl: Path) -> dict:

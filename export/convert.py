@@ -14,9 +14,13 @@
              image, asymmetric) and rescales by s_in * s_w          DEPTHWISE_CONV_2D); classifier as a 1x1 conv
     W4A8     4-bit weights: packed INT4 (two codes a byte) where   converted as int8 values in [-7, 7], then
              LiteRT has a kernel for them, int8 elsewhere; the      rewritten as INT4 (export/int4.py) unless
-             INT4 convs run on builtin kernels, not XNNPACK         w4_storage="int8" (exact, no size gain)
+             INT4 convs run on builtin kernels, not XNNPACK;        w4_storage="int8" (exact, no size gain)
+             depthwise weights int8 unless dw_bits is 4
+             (QuantConfig.depthwise_bits)
     W4A32    packed INT4 behind each DEQUANTIZE (as ai-edge-        the same; every weight has a kernel
-             quantizer's weight_only_wi4_afp32), float compute
+             quantizer's weight_only_wi4_afp32, which keeps
+             depthwise weights float; ours are int8 unless
+             dw_bits is 4), float compute
     W16A32   fp16 weights + DEQUANTIZE, float compute:             plain convert of the half-rounded weights, then
     (fp16)   LiteRT's 16-bit weight format (its DEQUANTIZE takes    each float32 weight stored as float16 behind a
              no per-channel int16); the simulation rounds the       DEQUANTIZE (export/flatbuffer.py)
@@ -72,6 +76,12 @@ def export_kind(cfg: QuantConfig, w4_storage: str = "auto") -> str:
             "weights are fp16: use w_format fp16 (the W16A32 recipe)")
     elif cfg.w_bits not in (4, 8):
         raise ExportError(f"{cfg.name}: {cfg.w_bits}-bit weights have no LiteRT storage type")
+    if cfg.depthwise_bits not in (4, 8):
+        raise ExportError(f"{cfg.name}: {cfg.depthwise_bits}-bit depthwise weights (dw_bits) have no LiteRT "
+                          "storage type; use 4 or 8")
+    if cfg.depthwise_bits == 4 and cfg.a_bits is not None and not (cfg.a_bits == 8 and cfg.act_mode == "static"):
+        raise ExportError(f"{cfg.name}: 4-bit depthwise weights run only behind a DEQUANTIZE or with static int8 "
+                          "activations (LiteRT's DEPTHWISE_CONV_2D takes INT4 nowhere else); use dw_bits 8")
     if cfg.a_bits is None:
         return "weight-only"
     if cfg.a_bits == 8 and cfg.act_mode == "static":
@@ -152,7 +162,8 @@ def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = F
     if kind not in KINDS:
         raise ExportError(f"unknown export kind {kind!r}; expected one of {KINDS}")
     storage = check_storage(kind, weights_storage)
-    w4 = qm.qcfg.w_bits == 4 and not qm.qcfg.fp16_weights
+    bits = {name: layer.w_fq.spec.bits for name, layer in qlayers(qm).items() if layer.w_fq is not None}
+    w4 = 4 in bits.values()
     data = litert_bytes(qm, kind, nhwc)
     float_io = float_io or kind in ("fp32", "fp16", "weight-only", "dynamic")  # float graphs have float io anyway
     notes = {"batch": 1, "layout": "NHWC" if nhwc else "NCHW", "float_io": float_io}
@@ -173,7 +184,7 @@ def convert(qm: QMobileNet, kind: str, *, float_io: bool = False, nhwc: bool = F
         if float_io and kind in ("int8", "int16"):
             fb.add_float_io(model)
         if w4:   # before sparsify: a packed weight stays dense (DENSIFY has no INT4 output), the rest may not
-            notes["w4_storage"] = int4.pack_weights(model, list(qlayers(qm)), w4_storage)
+            notes["w4_storage"] = int4.pack_weights(model, bits, w4_storage)
         notes["weights"] = sparse.sparsify(model, storage)
         if quantized or notes["weights"]["sparse_weights"]:   # float files: bytes as converted
             data = fb.write(model)

@@ -85,19 +85,23 @@ def _weighted(model: schema.ModelT) -> list[schema.OperatorT]:
     return [op for op in model.subgraphs[0].operators if _code(model, op) in _WEIGHTED]
 
 
-def pack_weights(model: schema.ModelT, layers: list[str], storage: str) -> dict[str, str]:
-    """Rewrite the 4-bit weights of subgraph 0's conv / FC ops (in graph order, named by `layers`) as packed
-    INT4 where `storage` and the kernels allow (module doc). Edits `model` in place; returns {layer: storage},
-    e.g. "int4 packed (builtin CONV_2D)", "int4 packed (XNNPACK FULLY_CONNECTED)", "int8 (why)"."""
+def pack_weights(model: schema.ModelT, layers: dict[str, int], storage: str) -> dict[str, str]:
+    """Rewrite the 4-bit weights of subgraph 0's conv / FC ops (in graph order, named by `layers`, which maps each
+    to its weight bits) as packed INT4 where `storage` and the kernels allow (module doc). Edits `model` in place;
+    returns {layer: storage}, e.g. "int4 packed (builtin CONV_2D)", "int4 packed (XNNPACK FULLY_CONNECTED)",
+    "int8 (8-bit weights)", "int8 (why)"."""
     if storage not in W4_STORAGES:
         raise ValueError(f"--w4-storage should be one of {', '.join(W4_STORAGES)} instead of {storage!r}")
     sg, weighted = model.subgraphs[0], _weighted(model)
     assert len(weighted) == len(layers), f"{len(weighted)} conv/FC ops, {len(layers)} layers"
     readers, out = buffer_readers(model), {}
-    for op, name in zip(weighted, layers):
+    for op, (name, bits) in zip(weighted, layers.items()):
         holder, dequantized = _holder(model, sg, op)
         t = sg.tensors[holder]
         data = model.buffers[t.buffer].data
+        if bits != 4:
+            out[name] = f"int8 ({bits}-bit weights)"
+            continue
         if storage == "int8":
             out[name] = "int8 (--w4-storage int8)"
             continue

@@ -56,6 +56,8 @@ class CliConfig:
     calib_size: int = opt(1000, "calibration images")
     w_bits: int | None = opt(None, "override the recipe's weight bits (2..16)")
     a_bits: int | None = opt(None, "override the recipe's activation bits (2..16)")
+    dw_bits: int | None = opt(None, "weight bits of the depthwise convs (2..16; default: the weight bits, but "
+                                    "at least 8: 4 makes a W4 file all 4-bit)")
     act_observer: str = opt("minmax", "minmax | ema | percentile | mse")
     weight_observer: str = opt("minmax", "minmax | mse")
     cle: bool = opt(False, "cross-layer equalization")
@@ -115,6 +117,8 @@ def quant_config_from(cli: CliConfig) -> QuantConfig:
         if base.act_mode == "none":
             raise ValueError(f"--a-bits {cli.a_bits} does not apply to {base.name}, whose activations stay float")
         over["a_bits"] = cli.a_bits
+    if cli.dw_bits is not None:
+        over["dw_bits"] = cli.dw_bits
     cfg = recipe(cli.config, **over)
     if cli.w_bits is not None or cli.a_bits is not None:
         cfg.name = f"W{cfg.w_bits if cfg.w_bits else 32}A{cfg.a_bits if cfg.a_bits else 32}"

@@ -62,6 +62,10 @@ def _quant_config_of(ckpt: dict, where: str) -> QuantConfig:
         raise CheckpointError(f"{where}: a quantized checkpoint needs a 'quant_config' dict, not "
                               f"{type(raw).__name__}")
     types = {f.name: f.type for f in fields(QuantConfig)}
+    if "dw_bits" not in raw and isinstance(raw.get("w_bits"), int) and raw.get("w_format", "int") == "int":
+        # saved before depthwise widths existed: every weight then had w_bits, so a W4 checkpoint's depthwise
+        # quantizers hold 4-bit ranges that the 8-bit default would misread
+        raw = {**raw, "dw_bits": raw["w_bits"]}
     for k, v in raw.items():
         want = _FIELD_TYPES.get(types.get(k))
         if want is None:

@@ -12,6 +12,9 @@
     W8A8 per-tensor + CLE / + bias corr. / + both, W4A8 per-tensor + CLE + bias corr.           real
     W4A8 per-channel + bias corr.; W4A8, W4A32 per-channel + AdaRound; W4A8 + AdaRound + bias corr.  real
 
+The W4 rows keep their depthwise convs at 8 bits (QuantConfig.depthwise_bits); `python -m quantize --dw-bits 4`
+makes every weight 4-bit.
+
 This module is the one list of rows and the one way a row's simulation columns are filled; both studies write
 the one matrix schema (common.matrix): `python -m quantize --matrix` simulates every row (the file columns stay
 empty, export_status "skipped"), `python -m bench matrix` also exports, validates and times each file.

@@ -59,8 +59,8 @@ class QLayer(nn.Module):
         self.op, self.bn, self.relu6 = op, bn, relu6
         c_out = op.out_channels if isinstance(op, nn.Conv2d) else op.out_features
         target = cfg.target
-        self.w_fq = (FakeQuant(target.weight, cfg.weight_observer, channels=c_out)
-                     if target.weight is not None else None)
+        w_spec = target.weight_of(self.is_depthwise)
+        self.w_fq = FakeQuant(w_spec, cfg.weight_observer, channels=c_out) if w_spec is not None else None
         self.w_half = cfg.fp16_weights   # weights rounded to IEEE half (LiteRT's fp16 storage), no integer grid
         self.out_fq = _act_quant(cfg)
         # dynamic range: the input as the hybrid kernel quantizes it on every run, per image

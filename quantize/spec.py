@@ -15,7 +15,8 @@ LiteRT's integer kernels (the TFLite quantization spec) expect:
                                                             input on every run (asymmetric)    are float32
 
 Other widths (2..16) follow the same rules: weights symmetric narrow-range (4-bit: [-7, 7], held as int8),
-activations asymmetric. Which widths can become a file is export's decision (export/convert.py: export_kind).
+activations asymmetric. Depthwise convs may hold wider weights than the rest (Target.weight_of): below 8 bits
+they stay at 8 unless asked (QuantConfig.depthwise_bits). Which widths can become a file is export's decision (export/convert.py: export_kind).
 
 Channel axis of per-channel weights:
 
@@ -106,6 +107,11 @@ class Target:
     weight: QSpec | None
     activation: QSpec | None
     static: bool             # activation ranges fixed by calibration (an integer graph), not taken per input
+    depthwise_weight: QSpec | None = None   # the depthwise convs' weights where their width differs from `weight`
+
+    def weight_of(self, depthwise: bool) -> QSpec | None:
+        """The weight spec of a conv / FC layer: depthwise convs may be held wider (QuantConfig.depthwise_bits)."""
+        return self.depthwise_weight if depthwise and self.depthwise_weight is not None else self.weight
 
     @property
     def dynamic_inputs(self) -> bool:
@@ -138,8 +144,10 @@ def bias_spec(a_bits: int = 8) -> BiasSpec:
     return BiasSpec(storage_bits=64 if a_bits == 16 else 32)
 
 
-def target(w_bits: int | None, a_bits: int | None, per_channel: bool = True, static: bool = True) -> Target:
-    """The Target of weights of `w_bits` and activations of `a_bits` (None: float), static or dynamic ranges."""
-    return Target(weight_spec(w_bits, per_channel) if w_bits is not None else None,
-                  activation_spec(a_bits) if a_bits is not None else None,
-                  static and a_bits is not None)
+def target(w_bits: int | None, a_bits: int | None, per_channel: bool = True, static: bool = True,
+           dw_bits: int | None = None) -> Target:
+    """The Target of weights of `w_bits` (depthwise convs: `dw_bits`, None: the same) and activations of `a_bits`
+    (None: float), static or dynamic ranges."""
+    weight = weight_spec(w_bits, per_channel) if w_bits is not None else None
+    dw = weight_spec(dw_bits, per_channel) if weight is not None and dw_bits not in (None, w_bits) else None
+    return Target(weight, activation_spec(a_bits) if a_bits is not None else None, static and a_bits is not None, dw)

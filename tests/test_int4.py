@@ -41,8 +41,9 @@ def test_pack_golden():
 
 @pytest.fixture(scope="module")
 def w4(tmp_path_factory, tiny_w8a8):
-    """W4A8 and W4A32 checkpoints of the session's tiny model, each exported by `python -m export` with the default
-    storage (packed), and the int8-stored W4A8 file made from the same conversion."""
+    """Checkpoints of the session's tiny model, each exported by `python -m export` with the default storage
+    (packed): "W4A8" all 4-bit (dw_bits 4: every kernel's INT4 path), "W4A8 default" and "W4A32" as the recipes
+    stand (depthwise weights 8-bit), and the int8-stored all-4-bit W4A8 file made from the same conversion."""
     from export.__main__ import main
     from quantize import calibrate, freeze, prepare, recipe
     from quantize.io import save_quantized
@@ -52,25 +53,28 @@ def w4(tmp_path_factory, tiny_w8a8):
     real, cache = convert.litert_bytes, {}
 
     def cached(qm, kind, nhwc):
-        if (kind, nhwc) not in cache:
-            cache[kind, nhwc] = real(qm, kind, nhwc)
-        return cache[kind, nhwc]
+        key = (qm.qcfg.label, kind, nhwc)
+        if key not in cache:
+            cache[key] = real(qm, kind, nhwc)
+        return cache[key]
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(convert, "litert_bytes", cached)
-        for name in ("W4A8", "W4A32"):
-            qm = prepare(tiny_w8a8["model"], recipe(name))
+        for name, q in (("W4A8", recipe("W4A8", dw_bits=4)), ("W4A8 default", recipe("W4A8")),
+                        ("W4A32", recipe("W4A32"))):
+            qm = prepare(tiny_w8a8["model"], q)
             calibrate(qm, tiny_w8a8["calib"])
             freeze(qm)
-            ckpt, path = d / f"{name}.pt", d / f"{name.lower()}.tflite"
+            stem = name.lower().replace(" ", "_")
+            ckpt, path = d / f"{stem}.pt", d / f"{stem}.tflite"
             save_quantized(ckpt, qm)
-            extra = ["--skip-builtin"] if name == "W4A32" else []
+            extra = ["--skip-builtin"] if name != "W4A8" else []
             assert main(["--checkpoint", str(ckpt), "--out", str(path), "--val-images", VAL,
                          "--data", str(CIFAR_TGZ)] + extra) == 0
             out[name] = {"qm": qm, "ckpt": ckpt, "path": path,
                          "report": json.loads(path.with_suffix(".tflite.json").read_text())}
         out["W4A8"]["int8_bytes"] = convert.convert(out["W4A8"]["qm"], "int8", w4_storage="int8")[0]
-    assert len(cache) == 2
+    assert len(cache) == 3
     return out
 
 
@@ -177,17 +181,48 @@ def test_int4_buffer_of_the_wrong_size_is_refused(w4):
 
 
 def test_w4a32_packed_behind_dequantize(w4):
-    """Weight-only: every weight INT4 behind its DEQUANTIZE (as ai-edge-quantizer's weight_only_wi4_afp32), the
-    float outputs within the float gate of the simulation."""
+    """Weight-only: every 4-bit weight INT4 behind its DEQUANTIZE (as ai-edge-quantizer's weight_only_wi4_afp32),
+    the 17 depthwise weights int8 (the recipe's default width; AEQ keeps them float), the float outputs within the
+    float gate of the simulation."""
     r = w4["W4A32"]
     rep = r["report"]
-    assert set(rep["graph"]["w4_storage"].values()) == {
-        "int4 packed (builtin DEQUANTIZE, float CONV_2D on builtin kernels)",
-        "int4 packed (builtin DEQUANTIZE, float DEPTHWISE_CONV_2D on builtin kernels)"}
+    storage = rep["graph"]["w4_storage"]
+    # the classifier is exported as a 1x1 conv in float graphs: 35 convs + 1
+    assert list(storage.values()).count("int4 packed (builtin DEQUANTIZE, float CONV_2D on builtin kernels)") == 36
+    assert list(storage.values()).count("int8 (8-bit weights)") == 17
+    assert {n for n, s in storage.items() if s.startswith("int8")} == \
+        {n for n, layer in _layers(r["qm"]).items() if layer.is_depthwise}
     v = rep["validation"]
-    assert v["passed"] and v["structure_problems"] == [] and v["structure"]["int4_weights"] == 53
+    assert v["passed"] and v["structure_problems"] == [] and v["structure"]["int4_weights"] == 36
     assert rep["file_summary"]["ops"]["DEQUANTIZE"] == 53
-    assert rep["file_summary"]["constant_tensor_types"]["int4"] == 53       # read from the schema, not numpy
+    assert rep["file_summary"]["constant_tensor_types"]["int4"] == 36       # read from the schema, not numpy
+
+
+def test_w4a8_default_keeps_depthwise_8bit(w4):
+    """The W4A8 recipe as it stands: pointwise convs INT4 on the builtin kernels, the depthwise convs int8 (so
+    XNNPACK runs them) and the classifier INT4 in XNNPACK; the outputs equal the integer simulation with each
+    layer's kernel, 0 LSB, and the file lies between the all-4-bit one and the int8-stored one."""
+    r, q = w4["W4A8 default"], w4["W4A8 default"]["qm"]
+    rep, data = r["report"], r["path"].read_bytes()
+    dw = {n for n, layer in _layers(q).items() if layer.is_depthwise}
+    assert len(dw) == 17 and all(_layers(q)[n].w_fq.spec.bits == 8 for n in dw)
+    storage = rep["graph"]["w4_storage"]
+    assert {n: s for n, s in storage.items() if n in dw} == {n: "int8 (8-bit weights)" for n in dw}
+    assert list(storage.values()).count("int4 packed (builtin CONV_2D)") == 35
+    v = rep["validation"]
+    assert v["passed"] and v["structure_problems"] == [] and v["structure"]["int4_weights"] == 36
+    x = v["runs"]["xnnpack"]
+    assert set(x["builtin_layers"]) == {n for n, s in storage.items() if s == "int4 packed (builtin CONV_2D)"}
+    assert x["max_lsb"] == 0 and x["exact_outputs"] == 1.0
+    all4, int8 = len(w4["W4A8"]["path"].read_bytes()), len(w4["W4A8"]["int8_bytes"])
+    dw_weights = sum(_layers(q)[n].op.weight.numel() for n in dw)
+    assert len(data) - all4 == pytest.approx(dw_weights / 2, abs=64)    # half a byte more for each depthwise weight
+    assert all4 < len(data) < int8
+
+
+def _layers(qm):
+    from quantize.qmodel import qlayers
+    return qlayers(qm)
 
 
 def test_w4_storage_value_is_checked(w4, tmp_path, capsys):
@@ -208,5 +243,5 @@ def test_matrix_rows_export_w4_packed(w4, monkeypatch):
     monkeypatch.setattr(export, "run_export", lambda cfg: seen.append(cfg) or w4["W4A8"]["report"])
     row = _export(MatrixConfig(), w4["W4A8"]["qm"].qcfg, w4["W4A8"]["ckpt"], w4["W4A8"]["path"])
     assert seen[0].w4_storage == "auto" and row["export_status"] == "ok"
-    assert row["export_note"] == ("4-bit weights: 35 int4 packed (builtin CONV_2D), 17 int4 packed (builtin "
+    assert row["export_note"] == ("weights: 35 int4 packed (builtin CONV_2D), 17 int4 packed (builtin "
                                   "DEPTHWISE_CONV_2D), 1 int4 packed (XNNPACK FULLY_CONNECTED)")

@@ -51,6 +51,8 @@ def test_bit_overrides_and_methods(ckpt, tmp_path):
     cli = CliConfig(checkpoint=str(ckpt), config="W8A8", w_bits=6, a_bits=7, cle=True)
     q = quant_config_from(cli)
     assert (q.name, q.w_bits, q.a_bits, q.cle) == ("W6A7", 6, 7, True)
+    q = quant_config_from(CliConfig(checkpoint=str(ckpt), config="W4A32", dw_bits=4))
+    assert (q.label, q.depthwise_bits) == ("W4A32 dw4", 4)
     assert main(["--checkpoint", str(ckpt), "--config", "W4A8", "--adaround", "--adaround-iters", "2",
                  "--bias-correction", "--out", str(tmp_path / "ada")] + FAST) == 0
     rep = json.loads((tmp_path / "ada" / "metrics.json").read_text())["ptq_report"]
@@ -66,6 +68,8 @@ def test_bit_overrides_and_methods(ckpt, tmp_path):
     (["--config", "W8A32", "--a-bits", "8"], "--a-bits 8"),
     (["--eval-images", "-1"], "--eval-images should be >= 0 instead of -1"),
     (["--adaround-iters", "-1"], "-1"),
+    (["--dw-bits", "1"], "dw_bits should be an integer in [2, 16] instead of 1"),
+    (["--config", "W16A32", "--dw-bits", "8"], "dw_bits=8 needs integer weights"),
 ])
 def test_user_errors_exit_2_and_write_nothing(ckpt, tmp_path, capsys, args, message):
     out = tmp_path / "bad"

@@ -88,6 +88,34 @@ def test_specs_state_the_litert_target():
     assert target(8, 16, static=True).bias == bias_spec(16)          # what the static int16 export uses
 
 
+def test_depthwise_width():
+    """Depthwise convs keep 8-bit weights below 8 bits unless dw_bits says otherwise; the label names a width
+    other than that default; dw_bits needs integer weights; export refuses what LiteRT cannot run."""
+    from export.convert import ExportError, export_kind
+    w4 = recipe("W4A8").target
+    assert (w4.weight_of(False), w4.weight_of(True)) == (weight_spec(4), weight_spec(8))
+    assert recipe("W4A32", granularity="per-tensor").target.weight_of(True) == weight_spec(8, per_channel=False)
+    all4 = recipe("W4A8", dw_bits=4)
+    assert all4.target.weight_of(True) == weight_spec(4) and all4.label == "W4A8 dw4"
+    assert recipe("W8A8").target.weight_of(True) == weight_spec(8) and recipe("W8A8").target.depthwise_weight is None
+    assert [recipe(n).label for n in ("W4A8", "W4A32", "W8A16")] == ["W4A8", "W4A32", "W8A16 static"]
+    assert recipe("W8A16", dw_bits=4).label == "W8A16 static dw4" and recipe("W8A8", dw_bits=8).label == "W8A8"
+    assert recipe("W8A32").depthwise_bits == 8 and recipe("FP32").depthwise_bits is None
+    assert recipe("W16A32").depthwise_bits is None
+    for bad, match in ((dict(dw_bits=1), "dw_bits should be an integer in \\[2, 16\\] instead of 1"),
+                       (dict(w_bits=None, a_bits=None, act_mode="none", dw_bits=8), "needs integer weights")):
+        with pytest.raises(ValueError, match=match):
+            recipe("W4A8", **bad)
+    with pytest.raises(ValueError, match="not fp16 ones"):
+        recipe("W16A32", dw_bits=8)
+    assert [export_kind(recipe(n, dw_bits=4)) for n in ("W4A8", "W4A32", "W8A8")] == ["int8", "weight-only", "int8"]
+    for name in ("W8A8-dynamic", "W8A16"):
+        with pytest.raises(ExportError, match="4-bit depthwise weights run only"):
+            export_kind(recipe(name, dw_bits=4))
+    with pytest.raises(ExportError, match="6-bit depthwise weights"):
+        export_kind(recipe("W8A8", dw_bits=6))
+
+
 # ---------------------------------------------------------------------------------------- choose_qparams
 
 def test_choose_qparams_symmetric_asymmetric():

@@ -296,6 +296,23 @@ def test_save_load_roundtrip(model, images, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["q.pt"]   # no temporary file left behind
 
 
+def test_w4_checkpoint_from_before_depthwise_widths_loads_all_4bit(model, images, tmp_path):
+    """A W4 checkpoint saved before dw_bits existed held every weight at 4 bits: it loads as such (label
+    "W4A8 dw4", 4-bit depthwise quantizers), computing what it computed, not as the 8-bit depthwise default."""
+    qm = run_ptq(model, None, recipe("W4A8", dw_bits=4, calib="random", calib_size=32), progress=False)
+    save_quantized(tmp_path / "q.pt", qm)
+    ckpt = torch.load(tmp_path / "q.pt", weights_only=True)
+    del ckpt["quant_config"]["dw_bits"]
+    atomic_save(ckpt, tmp_path / "old.pt")
+    back, _ = load_quantized(tmp_path / "old.pt")
+    assert back.qcfg.label == "W4A8 dw4" and back.qcfg.depthwise_bits == 4
+    assert {layer.w_fq.spec.bits for layer in qlayers(back).values()} == {4}
+    assert torch.equal(back(images), qm(images))
+    fresh = run_ptq(model, None, recipe("W4A8", calib="random", calib_size=32), progress=False)
+    bits = {layer.is_depthwise: layer.w_fq.spec.bits for layer in qlayers(fresh).values()}
+    assert bits == {True: 8, False: 4}
+
+
 def test_save_load_qat_structure(model, images, tmp_path):
     """A QAT simulation saved before to_ptq (BN kept) reloads with its BN and computes the same in eval mode."""
     qm = prepare(model.train(), recipe("W8A8"), qat=True)
