@@ -190,7 +190,7 @@ def run(cli: CliConfig) -> dict:
         {"dtype": "fp32", "reason": "the PTQ simulation rounds in float32, as the integer model does"}
     atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "metrics.json")
     record("quantized", out / "quantized.pt")
-    print(f"{qcfg.name} {qcfg.granularity}: top-1 {100 * metrics['acc_q']:.2f}% (FP32 {100 * metrics['acc_ref']:.2f}%)"
+    print(f"{qcfg.label} {qcfg.granularity}: top-1 {100 * metrics['acc_q']:.2f}% (FP32 {100 * metrics['acc_ref']:.2f}%)"
           f", agreement {100 * metrics['agreement']:.2f}%, SNR {metrics['snr_db']:.1f} dB, "
           f"{metrics['weight_bytes'] / 1e6:.2f} MB weights -> {out}")
     if cli.export:

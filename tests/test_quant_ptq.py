@@ -73,10 +73,14 @@ def test_weight_size_bytes_hand_computed():
     # 8 weights * 32 bits + 2 biases * 32 bits = 40 bytes; at 8 bits: 8 + 8 = 16 bytes
     assert weight_size_bytes(lin) == 40 and weight_size_bytes(lin, 8) == 16
     m = build_model(tiny_config())
-    qm = prepare(m, recipe("W4A8"))
-    n_w = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))
-    n_b = sum(mod.weight.shape[0] for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))
-    assert weight_size_bytes(qm) == (n_w * 4 + n_b * 32) // 8
+    mods = [mod for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    n_w = sum(mod.weight.numel() for mod in mods)
+    n_dw = sum(mod.weight.numel() for mod in mods if isinstance(mod, nn.Conv2d) and mod.groups > 1)
+    n_b = sum(mod.weight.shape[0] for mod in mods)
+    assert n_dw > 0
+    assert weight_size_bytes(prepare(m, recipe("W4A8", dw_bits=4))) == (n_w * 4 + n_b * 32) // 8
+    # the recipe's default: depthwise weights at 8 bits
+    assert weight_size_bytes(prepare(m, recipe("W4A8"))) == ((n_w - n_dw) * 4 + n_dw * 8 + n_b * 32) // 8
 
 
 # ------------------------------------------------------------------------------------ layer walk and CLE
