@@ -6,13 +6,14 @@ from dataclasses import asdict, dataclass, replace
 from .spec import Target, check_bits
 from .spec import target as spec_target
 
-__all__ = ["QuantConfig", "RECIPES", "recipe", "GRANULARITIES", "ACT_MODES", "CALIB_SOURCES", "W_FORMATS", "DW_MIN_BITS"]
+__all__ = ["QuantConfig", "RECIPES", "recipe", "GRANULARITIES", "ACT_MODES", "CALIB_SOURCES", "W_FORMATS",
+           "DW_MIN_BITS"]
 
 GRANULARITIES = ("per-channel", "per-tensor")
 ACT_MODES = ("none", "static", "dynamic")   # float activations | calibrated ranges | ranges taken at run time
 CALIB_SOURCES = ("real", "random")
-W_FORMATS = ("int", "fp16")
-DW_MIN_BITS = 8   # the narrowest depthwise weights unless dw_bits says otherwise (QuantConfig.depthwise_bits)   # integer codes on a scale grid | IEEE half-precision values (LiteRT's 16-bit weights)
+W_FORMATS = ("int", "fp16")   # integer codes on a scale grid | IEEE half-precision values (LiteRT's 16-bit weights)
+DW_MIN_BITS = 8   # the narrowest depthwise weights unless dw_bits says otherwise (QuantConfig.depthwise_bits)
 
 
 @dataclass
@@ -80,7 +81,11 @@ class QuantConfig:
         (benchmarks/RESULTS.md). ai-edge-quantizer's INT4 recipes keep them float instead."""
         if self.w_bits is None or self.fp16_weights:
             return None
-        return self.dw_bits if self.dw_bits is not None else max(self.w_bits, DW_MIN_BITS)
+        return self.dw_bits if self.dw_bits is not None else self._default_dw_bits
+
+    @property
+    def _default_dw_bits(self) -> int:
+        return max(self.w_bits, DW_MIN_BITS)
 
     @property
     def label(self) -> str:
@@ -93,7 +98,7 @@ class QuantConfig:
         label = self.name
         if self.a_bits == 16 and not self.name.lower().endswith("static"):
             label += " static"
-        if self.dw_bits is not None and self.dw_bits != max(self.w_bits, DW_MIN_BITS):
+        if self.dw_bits is not None and self.dw_bits != self._default_dw_bits:
             label += f" dw{self.dw_bits}"
         return label
 

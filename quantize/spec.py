@@ -16,7 +16,8 @@ LiteRT's integer kernels (the TFLite quantization spec) expect:
 
 Other widths (2..16) follow the same rules: weights symmetric narrow-range (4-bit: [-7, 7], held as int8),
 activations asymmetric. Depthwise convs may hold wider weights than the rest (Target.weight_of): below 8 bits
-they stay at 8 unless asked (QuantConfig.depthwise_bits). Which widths can become a file is export's decision (export/convert.py: export_kind).
+they stay at 8 unless asked (QuantConfig.depthwise_bits). Which widths can become a file is export's decision
+(export/convert.py: export_kind).
 
 Channel axis of per-channel weights:
 
